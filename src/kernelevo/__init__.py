@@ -1,0 +1,17 @@
+"""kernelevo: autotuned matmul and attention kernels for MLX, steered by `.kevo` heuristics.
+
+    import kernelevo as ke
+    y = ke.matmul(a, b)                 # a drop-in for mx.matmul
+    y = ke.matmul(x, w, transpose_b=True, config="gemm mc=96 nc=1024 kc=256 mr=6 nr=64 threads=2 split=m")
+"""
+
+from .config import ConfigError, KernelConfig
+from .dsl import DSLError
+from .ops import BackendNotSupportedError, explain_matmul, forget_selections, matmul, select_matmul
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendNotSupportedError", "ConfigError", "DSLError", "KernelConfig", "explain_matmul",
+    "forget_selections", "matmul", "select_matmul", "__version__",
+]

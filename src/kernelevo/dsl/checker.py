@@ -1,0 +1,444 @@
+"""Static checks of a .kevo program: every problem found at once, each located.
+
+What is checked: the header (version, target, chips); section structure (lets first, one
+final else, no duplicate sections); names (features, lets, chip facts, functions, symbols)
+and types; kernel families and their parameters against the schema in families.py
+(names, domains, and constraints, whenever the values are constants); rules that can
+never be reached. Whatever depends on the call is checked again when a rule is selected.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from ..chips import BACKENDS, FACT_NAMES, Chip
+from ..families import Param, families_for, family
+from ..features import OP_FEATURES, Feature
+from . import ast
+from .errors import Diagnostic
+from .evaluate import FUNCTIONS, EvalError, try_constant
+
+SUPPORTED_VERSION = 1
+INTEGER_FACTS = {"cores", "simd_width", "vector_registers", "threadgroup_memory", "max_threads"}
+
+
+@dataclass(frozen=True)
+class Type:
+    kind: str  # int | float | bool | symbol | any (after an error)
+    symbols: frozenset[str] | None = None  # the values of a symbol feature
+    literal: str | None = None  # a bare name that is not a feature or let: maybe a symbol
+
+    @property
+    def numeric(self) -> bool:
+        return self.kind in ("int", "float")
+
+
+ANY = Type("any")
+INT, FLOAT, BOOL = Type("int"), Type("float"), Type("bool")
+
+_KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true/false",
+               "symbol": "a symbol", "any": "a value"}
+
+
+def _feature_type(f: Feature) -> Type:
+    if f.type == "symbol":
+        return Type("symbol", frozenset(f.symbols))
+    return {"int": INT, "bool": BOOL, "number": FLOAT}[f.type]
+
+
+def representative_chip(backend: str, patterns: tuple[str, ...]) -> Chip:
+    """Facts to check a file against when it is not checked for one particular chip:
+    the most restrictive chip its patterns allow. cores=0 means 'not known'."""
+    if backend == "cpu":
+        isa = {p.split("-")[1] if p.startswith("cpu-") and p.count("-") >= 1 else "" for p in patterns}
+        if isa == {"avx512"}:
+            width, regs = 512, 32
+        elif isa <= {"avx512", "avx2"} and isa:
+            width, regs = 256, 16
+        elif isa == {"neon"}:
+            width, regs = 128, 32
+        else:
+            width, regs = 128, 16
+        return Chip(id="cpu-any", backend="cpu", name="any CPU", vendor="", cores=0,
+                    simd_width=width, vector_registers=regs)
+    if backend == "metal":
+        return Chip(id="apple-any", backend="metal", name="any Apple GPU", vendor="apple",
+                    cores=0, simd_width=32, threadgroup_memory=32768, max_threads=1024)
+    hopper = patterns and all(p.startswith(("nvidia-h1", "nvidia-h2", "nvidia-gh", "nvidia-b", "nvidia-gb"))
+                              for p in patterns)
+    return Chip(id="nvidia-any", backend="cuda", name="any NVIDIA GPU", vendor="nvidia", cores=0,
+                simd_width=32, threadgroup_memory=(227 if hopper else 99) * 1024, max_threads=1024)
+
+
+class _Checker:
+    def __init__(self, program: ast.Program, text: str, path: str, chip: Chip | None):
+        self.program = program
+        self.lines = text.splitlines()
+        self.path = path
+        self.chip = chip
+        self.diagnostics: list[Diagnostic] = []
+
+    # -- reporting -------------------------------------------------------------------
+    def error(self, message: str, pos: ast.Pos, severity: str = "error") -> None:
+        line = max(1, pos.line)
+        src = self.lines[line - 1].expandtabs(1) if line <= len(self.lines) else ""
+        end = pos.end_column if pos.end_line == pos.line and pos.end_column > pos.column else None
+        self.diagnostics.append(Diagnostic(message, line, max(1, pos.column), end,
+                                           severity, self.path, src))  # type: ignore[arg-type]
+
+    @staticmethod
+    def _suggest(name: str, candidates) -> str:
+        close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+        return f" (did you mean '{close[0]}'?)" if close else ""
+
+    # -- program ---------------------------------------------------------------------
+    def run(self) -> list[Diagnostic]:
+        p = self.program
+        if p.version != SUPPORTED_VERSION:
+            self.error(f"this file is kevo version {p.version}; kernelevo reads version "
+                       f"{SUPPORTED_VERSION}", p.pos)
+        backend = p.target
+        if backend is None:
+            self.error(f"missing `target <backend>` after `kevo {p.version}`; expected one of "
+                       + ", ".join(BACKENDS), p.pos)
+        elif backend not in BACKENDS:
+            self.error(f"unknown target '{backend}'; expected one of {', '.join(BACKENDS)}"
+                       + self._suggest(backend, BACKENDS), p.target_pos)
+            backend = None
+        chip = self.chip or (representative_chip(backend, p.chips or ("*",)) if backend else None)
+        seen: dict[str, ast.Section] = {}
+        for section in p.sections:
+            if section.op in seen:
+                self.error(f"a second '{section.op}' section (the first is at line "
+                           f"{seen[section.op].pos.line})", section.pos)
+                continue
+            seen[section.op] = section
+            self.section(section, backend, chip)
+        self.diagnostics.sort(key=lambda d: (d.line, d.column))
+        return self.diagnostics
+
+    # -- sections --------------------------------------------------------------------
+    def section(self, section: ast.Section, backend: str | None, chip: Chip | None) -> None:
+        features = {f.name: f for f in OP_FEATURES[section.op]}
+        lets: dict[str, Type] = {}
+        seen_rule = False
+        else_rule: ast.Rule | None = None
+        earlier: list[ast.Rule] = []
+        always: ast.Rule | None = None
+        for item in section.items:
+            if isinstance(item, ast.Let):
+                if seen_rule:
+                    self.error("let bindings come before the rules of a section", item.pos)
+                if item.name in features:
+                    self.error(f"let '{item.name}' would hide the feature of that name", item.pos)
+                elif item.name in lets:
+                    self.error(f"let '{item.name}' is bound twice", item.pos)
+                lets[item.name] = self.value_type(item.value, features, lets)
+                continue
+            seen_rule = True
+            if else_rule is not None:
+                self.error(f"never reached: this rule comes after the else rule at line "
+                           f"{else_rule.pos.line}, which must be last", item.pos)
+            if item.is_else:
+                else_rule = else_rule or item
+                if always is not None and always is not item:
+                    self.error(f"never reached: the rule at line {always.pos.line} always matches",
+                               item.pos)
+            else:
+                self.condition(item, features, lets, earlier, always)
+                if always is None:
+                    known, value = self._constant(item.condition, features, lets)
+                    if known and value is True:
+                        always = item
+                earlier.append(item)
+            if backend is not None:
+                self.config(item.config, section.op, backend, chip, features, lets)
+        if else_rule is None:
+            self.error(f"the {section.op} section needs a final `else {{ ... }}` rule "
+                       f"(what runs when no rule matches)",
+                       ast.Pos(section.pos.end_line, max(1, section.pos.end_column - 1),
+                               section.pos.end_line, section.pos.end_column))
+
+    def _constant(self, expr, features, lets):
+        try:
+            return try_constant(expr, frozenset(features) | frozenset(lets))
+        except EvalError as err:
+            self.error(err.message, err.pos)
+            return False, None
+
+    def condition(self, rule, features, lets, earlier, always) -> None:
+        t = self.value_type(rule.condition, features, lets)
+        if t.kind not in ("bool", "any"):
+            self.error(f"a rule's condition must be true/false; this is {_KIND_WORDS[t.kind]}",
+                       rule.condition.pos)
+        if always is not None:
+            self.error(f"never reached: the rule at line {always.pos.line} always matches",
+                       rule.pos)
+            return
+        known, value = self._constant(rule.condition, features, lets)
+        if known and value is False:
+            self.error("never matches: the condition is always false", rule.condition.pos)
+        for prior in earlier:
+            if prior.condition == rule.condition:
+                self.error(f"never reached: the rule at line {prior.pos.line} has the same "
+                           f"condition", rule.pos)
+                break
+
+    # -- configurations --------------------------------------------------------------
+    def config(self, spec: ast.ConfigSpec, op: str, backend: str, chip: Chip | None,
+               features, lets) -> None:
+        fam = family(op, backend, spec.family)
+        if fam is None:
+            names = [f.name for f in families_for(op, backend)]
+            expected = ("one of " + ", ".join(names)) if names else "none exist yet"
+            self.error(f"unknown {op} family '{spec.family}' for the {backend} backend; "
+                       f"expected {expected}" + self._suggest(spec.family, names),
+                       ast.Pos(spec.pos.line, spec.pos.column, spec.pos.line,
+                               spec.pos.column + len(spec.family)))
+            return
+        given: dict[str, ast.Param] = {}
+        constants: dict[str, object] = {}
+        for param in spec.params:
+            schema = fam.param(param.name)
+            if schema is None:
+                self.error(f"{fam.name} has no parameter '{param.name}'; it takes "
+                           + ", ".join(fam.param_names) + self._suggest(param.name, fam.param_names),
+                           param.pos)
+                continue
+            if param.name in given:
+                self.error(f"parameter '{param.name}' is given twice", param.pos)
+                continue
+            given[param.name] = param
+            if self.param_value(param, schema, features, lets):
+                known, value = self._constant(param.value, features, lets)
+                if known:
+                    value = _as_param_value(value, schema)
+                    if value is None or not schema.contains(value):
+                        self.error(f"{param.name}={_show(value)} is not "
+                                   f"{schema.domain_text()}", param.value.pos)
+                    else:
+                        constants[param.name] = value
+        missing = [n for n in fam.param_names if n not in given]
+        if missing:
+            self.error(f"{fam.name} needs " + ", ".join(f"{n}=..." for n in missing), spec.pos)
+        elif chip is not None and len(constants) == len(fam.params):
+            for message in fam.violations(constants, chip):
+                self.error(f"{message} (for {chip.name})", spec.pos)
+
+    def param_value(self, param: ast.Param, schema: Param, features, lets) -> bool:
+        """Checks the value's type; True when it is well typed."""
+        expr = param.value
+        if schema.kind == "choice":
+            return self.choice_value(expr, schema, features, lets)
+        t = self.value_type(expr, features, lets)
+        if t.kind == "any":
+            return False
+        if schema.kind == "bool" and t.kind != "bool":
+            self.error(f"{param.name} takes yes or no; this is {_KIND_WORDS[t.kind]}", expr.pos)
+            return False
+        if schema.kind == "int" and not t.numeric:
+            self.error(f"{param.name} takes an integer; this is {_KIND_WORDS[t.kind]}", expr.pos)
+            return False
+        return True
+
+    def choice_value(self, expr, schema: Param, features, lets) -> bool:
+        if isinstance(expr, ast.Cond):
+            test = self.value_type(expr.test, features, lets)
+            if test.kind not in ("bool", "any"):
+                self.error(f"the test of 'if' must be true/false; this is {_KIND_WORDS[test.kind]}",
+                           expr.test.pos)
+            a = self.choice_value(expr.then, schema, features, lets)
+            b = self.choice_value(expr.otherwise, schema, features, lets)
+            return a and b
+        if isinstance(expr, ast.Name) and expr.name not in features and expr.name not in lets:
+            if expr.name not in schema.choices:
+                self.error(f"'{expr.name}' is not a value of {schema.name}; expected one of "
+                           + ", ".join(schema.choices) + self._suggest(expr.name, schema.choices),
+                           expr.pos)
+                return False
+            return True
+        t = self.value_type(expr, features, lets)
+        if t.kind == "symbol" and t.symbols is not None and t.symbols <= set(schema.choices):
+            return True
+        if t.kind != "any":
+            self.error(f"{schema.name} takes one of {', '.join(schema.choices)}; this is "
+                       f"{_KIND_WORDS[t.kind]}", expr.pos)
+        return False
+
+    # -- expressions -----------------------------------------------------------------
+    def value_type(self, expr: ast.Expr, features, lets) -> Type:
+        t = self.infer(expr, features, lets)
+        return self.resolved(t, expr, features, lets)
+
+    def resolved(self, t: Type, expr, features, lets) -> Type:
+        """A bare unknown name is only acceptable where a symbol is compared."""
+        if t.literal is not None:
+            candidates = list(features) + list(lets) + [f"chip.{f}" for f in FACT_NAMES]
+            self.error(f"unknown name '{t.literal}'; expected a feature ("
+                       + ", ".join(features) + ")" + (", a let" if lets else "")
+                       + " or chip.<fact>" + self._suggest(t.literal, candidates), expr.pos)
+            return ANY
+        return t
+
+    def infer(self, expr: ast.Expr, features, lets) -> Type:
+        if isinstance(expr, ast.Num):
+            return INT if isinstance(expr.value, int) else FLOAT
+        if isinstance(expr, ast.Bool):
+            return BOOL
+        if isinstance(expr, ast.Name):
+            if expr.name in features:
+                return _feature_type(features[expr.name])
+            if expr.name in lets:
+                return lets[expr.name]
+            return Type("symbol", literal=expr.name)
+        if isinstance(expr, ast.Attr):
+            if expr.obj != "chip":
+                self.error(f"unknown object '{expr.obj}'; only chip.<fact> can be read", expr.pos)
+                return ANY
+            if expr.name not in FACT_NAMES:
+                self.error(f"unknown chip fact '{expr.name}'; expected one of "
+                           + ", ".join(FACT_NAMES) + self._suggest(expr.name, FACT_NAMES), expr.pos)
+                return ANY
+            return INT if expr.name in INTEGER_FACTS else FLOAT
+        if isinstance(expr, ast.Unary):
+            t = self.value_type(expr.operand, features, lets)
+            if expr.op == "not":
+                return self.expect(t, "bool", "'not'", expr.operand) and BOOL
+            return self.expect(t, "num", "'-'", expr.operand) and t
+        if isinstance(expr, ast.Binary):
+            a = self.value_type(expr.left, features, lets)
+            b = self.value_type(expr.right, features, lets)
+            if expr.op in ("and", "or"):
+                ok = self.expect(a, "bool", f"'{expr.op}'", expr.left)
+                ok = self.expect(b, "bool", f"'{expr.op}'", expr.right) and ok
+                return BOOL if ok else ANY
+            ok = self.expect(a, "num", f"'{expr.op}'", expr.left)
+            ok = self.expect(b, "num", f"'{expr.op}'", expr.right) and ok
+            if not ok:
+                return ANY
+            if expr.op in ("<<", ">>"):
+                if a.kind == "float" or b.kind == "float":
+                    self.error(f"'{expr.op}' needs integers", expr.pos)
+                return INT
+            if expr.op == "/":
+                return FLOAT
+            return INT if a.kind == "int" and b.kind == "int" else FLOAT
+        if isinstance(expr, ast.Compare):
+            return self.comparison(expr.op, expr.left, expr.right, expr.pos, features, lets)
+        if isinstance(expr, ast.InSet):
+            ok = True
+            for item in expr.items:
+                ok = self.comparison("==", expr.value, item, item.pos, features, lets,
+                                     report_left=(item is expr.items[0])).kind == "bool" and ok
+            return BOOL if ok else ANY
+        if isinstance(expr, ast.Call):
+            fn = FUNCTIONS.get(expr.func)
+            if fn is None:
+                self.error(f"unknown function '{expr.func}'; expected one of "
+                           + ", ".join(FUNCTIONS) + self._suggest(expr.func, FUNCTIONS), expr.pos)
+                return ANY
+            n = len(expr.args)
+            if n < fn.min_args or (fn.max_args is not None and n > fn.max_args):
+                want = fn.min_args if fn.min_args == fn.max_args else f"at least {fn.min_args}"
+                self.error(f"{fn.name} takes {want} argument{'s' if want != 1 else ''}, got {n}",
+                           expr.pos)
+                return ANY
+            types = [self.value_type(a, features, lets) for a in expr.args]
+            if not all([self.expect(t, "num", fn.name, a) for t, a in zip(types, expr.args)]):
+                return ANY
+            if fn.name in ("pow2ceil", "pow2floor", "log2", "cdiv"):
+                return INT
+            return INT if all(t.kind == "int" for t in types) else FLOAT
+        if isinstance(expr, ast.Cond):
+            test = self.value_type(expr.test, features, lets)
+            self.expect(test, "bool", "the test of 'if'", expr.test)
+            a = self.value_type(expr.then, features, lets)
+            b = self.value_type(expr.otherwise, features, lets)
+            if "any" in (a.kind, b.kind):
+                return ANY
+            if a.numeric and b.numeric:
+                return INT if a.kind == b.kind == "int" else FLOAT
+            if a.kind != b.kind:
+                self.error(f"both branches of 'if' must have one type; found "
+                           f"{_KIND_WORDS[a.kind]} and {_KIND_WORDS[b.kind]}", expr.pos)
+                return ANY
+            return a
+        return ANY
+
+    def comparison(self, op, left, right, pos, features, lets, report_left=True) -> Type:
+        a = self.infer(left, features, lets)
+        b = self.infer(right, features, lets)
+        if op in ("==", "!=") and (a.kind == "symbol" or b.kind == "symbol"):
+            if a.literal is not None and b.literal is not None:
+                self.resolved(a, left, features, lets)
+                return ANY
+            literal, other, node = (a, b, left) if a.literal is not None else (b, a, right)
+            other_node = right if node is left else left
+            if literal.literal is None:  # two symbol-valued features or lets
+                return BOOL if other.kind == "symbol" else self._mismatch(a, b, pos)
+            if other.kind != "symbol" or other.symbols is None:
+                if other.kind == "any":
+                    return ANY
+                if literal is a and not report_left:
+                    return ANY
+                self.resolved(literal, node, features, lets)
+                return ANY
+            if literal.literal not in other.symbols:
+                owner = f"of {other_node.name}" if isinstance(other_node, ast.Name) else "here"
+                self.error(f"'{literal.literal}' is not a value {owner}; expected one of "
+                           + ", ".join(sorted(other.symbols))
+                           + self._suggest(literal.literal, other.symbols), node.pos)
+                return ANY
+            return BOOL
+        a = self.resolved(a, left, features, lets) if report_left else (ANY if a.literal else a)
+        b = self.resolved(b, right, features, lets)
+        if "any" in (a.kind, b.kind):
+            return ANY
+        if op in ("==", "!="):
+            if (a.numeric and b.numeric) or a.kind == b.kind:
+                return BOOL
+            return self._mismatch(a, b, pos)
+        ok = self.expect(a, "num", f"'{op}'", left)
+        ok = self.expect(b, "num", f"'{op}'", right) and ok
+        return BOOL if ok else ANY
+
+    def _mismatch(self, a: Type, b: Type, pos) -> Type:
+        self.error(f"cannot compare {_KIND_WORDS[a.kind]} with {_KIND_WORDS[b.kind]}", pos)
+        return ANY
+
+    def expect(self, t: Type, want: str, what: str, node) -> bool:
+        if t.kind == "any":
+            return False
+        if want == "num" and t.numeric:
+            return True
+        if want == t.kind:
+            return True
+        wanted = "numbers" if want == "num" else "true/false"
+        self.error(f"{what} needs {wanted}; this is {_KIND_WORDS[t.kind]}", node.pos)
+        return False
+
+
+def _as_param_value(value, schema: Param):
+    """A constant as the parameter's type: integral floats become ints."""
+    if schema.kind == "int":
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value
+
+
+def _show(value) -> str:
+    if value is None:
+        return "(not an integer)"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def check(program: ast.Program, text: str, path: str = "<string>",
+          chip: Chip | None = None) -> list[Diagnostic]:
+    """All diagnostics for a parsed program. With a chip, constraints are checked with its
+    facts; otherwise with the most restrictive chip the file's `chips` line allows."""
+    return _Checker(program, text, path, chip).run()
+

@@ -1,0 +1,336 @@
+"""Evaluating DSL expressions: compiled once into closures, then run per call.
+
+Values are Python ints, floats, bools and symbols (plain strings such as "bf16").
+Integers stay within 64 bits, so no expression can exhaust memory or time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+from ..chips import FACT_NAMES, Chip, fact
+from . import ast
+from .errors import Diagnostic, DSLError, source_line
+
+Value = Union[int, float, bool, str]
+INT_LIMIT = 1 << 62
+
+
+class EvalError(Exception):
+    def __init__(self, message: str, pos: ast.Pos):
+        super().__init__(message)
+        self.message = message
+        self.pos = pos
+
+    def to_dsl_error(self, text: str, path: str) -> DSLError:
+        return DSLError(Diagnostic(self.message, max(1, self.pos.line), max(1, self.pos.column),
+                                   self.pos.end_column if self.pos.end_line == self.pos.line else None,
+                                   path=path, source_line=source_line(text, self.pos.line)))
+
+
+@dataclass(frozen=True)
+class Function:
+    name: str
+    min_args: int
+    max_args: int | None
+    doc: str
+    apply: Callable[..., Value]
+
+
+def _pow2ceil(x):
+    if x <= 1:
+        return 1
+    return 1 << math.ceil(math.log2(x))
+
+
+def _pow2floor(x):
+    if x < 1:
+        raise ValueError("pow2floor needs x >= 1")
+    return 1 << math.floor(math.log2(x))
+
+
+def _log2(x):
+    if x <= 0:
+        raise ValueError("log2 needs x > 0")
+    return math.floor(math.log2(x))
+
+
+def _cdiv(a, b):
+    if b == 0:
+        raise ZeroDivisionError
+    return -(-a // b)
+
+
+def _clamp(x, lo, hi):
+    return max(lo, min(x, hi))
+
+
+FUNCTIONS: dict[str, Function] = {f.name: f for f in (
+    Function("min", 2, None, "the smallest argument", min),
+    Function("max", 2, None, "the largest argument", max),
+    Function("clamp", 3, 3, "clamp(x, lo, hi): x limited to [lo, hi]", _clamp),
+    Function("cdiv", 2, 2, "cdiv(a, b): a / b rounded up (integers)", _cdiv),
+    Function("pow2ceil", 1, 1, "the smallest power of two >= x (1 for x <= 1)", _pow2ceil),
+    Function("pow2floor", 1, 1, "the largest power of two <= x (x >= 1)", _pow2floor),
+    Function("log2", 1, 1, "floor(log2(x)) for x > 0, an integer", _log2),
+)}
+
+
+class Env:
+    """What an expression sees: the call's features, the chip, and the section's lets."""
+
+    __slots__ = ("features", "chip", "_lets", "_let_values")
+
+    def __init__(self, features: Mapping[str, Value], chip: Chip | None,
+                 lets: Mapping[str, Callable[[Env], Value]] | None = None):
+        self.features = features
+        self.chip = chip
+        self._lets = lets or {}
+        self._let_values: dict[str, Value] = {}
+
+    def let(self, name: str) -> Value:
+        if name not in self._let_values:
+            self._let_values[name] = self._lets[name](self)
+        return self._let_values[name]
+
+
+class NotConstant(Exception):
+    """The expression reads a feature, a let or the chip."""
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _checked(value: Value, pos: ast.Pos) -> Value:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= INT_LIMIT:
+        raise EvalError("value out of range (integers are limited to 62 bits)", pos)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise EvalError("value out of range", pos)
+    return value
+
+
+def _need_num(v: Value, pos: ast.Pos, what: str) -> None:
+    if not _is_num(v):
+        raise EvalError(f"{what} needs numbers, got {_kind(v)} {_show(v)}", pos)
+
+
+def _need_bool(v: Value, pos: ast.Pos, what: str) -> None:
+    if not isinstance(v, bool):
+        raise EvalError(f"{what} needs true/false, got {_kind(v)} {_show(v)}", pos)
+
+
+def _kind(v: Value) -> str:
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int):
+        return "integer"
+    if isinstance(v, float):
+        return "number"
+    return "symbol"
+
+
+def _show(v: Value) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return str(v)
+
+
+def _arith(op: str, a: Value, b: Value, pos: ast.Pos) -> Value:
+    _need_num(a, pos, f"'{op}'")
+    _need_num(b, pos, f"'{op}'")
+    try:
+        if op == "+":
+            r = a + b
+        elif op == "-":
+            r = a - b
+        elif op == "*":
+            r = a * b
+        elif op == "/":
+            r = a / b
+        elif op == "//":
+            r = a // b
+        elif op == "%":
+            r = a % b
+        else:  # shifts
+            if not (isinstance(a, int) and isinstance(b, int)):
+                raise EvalError(f"'{op}' needs integers", pos)
+            if not 0 <= b < 63:
+                raise EvalError(f"shift by {b} is out of range (0..62)", pos)
+            r = a << b if op == "<<" else a >> b
+    except ZeroDivisionError:
+        raise EvalError("division by zero", pos) from None
+    except OverflowError:
+        raise EvalError("value out of range", pos) from None
+    return _checked(r, pos)
+
+
+def _compare(op: str, a: Value, b: Value, pos: ast.Pos) -> bool:
+    if op in ("==", "!="):
+        same_kind = (_is_num(a) and _is_num(b)) or type(a) is type(b)
+        if not same_kind:
+            raise EvalError(f"cannot compare {_kind(a)} {_show(a)} with {_kind(b)} {_show(b)}", pos)
+        return (a == b) if op == "==" else (a != b)
+    _need_num(a, pos, f"'{op}'")
+    _need_num(b, pos, f"'{op}'")
+    return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b}[op]
+
+
+Resolver = Callable[[ast.Name], Callable[[Env], Value]]
+
+
+def compile_expr(expr: ast.Expr, resolve: Resolver) -> Callable[[Env], Value]:
+    """Compiles an expression; `resolve` turns a Name into a reader (feature, let, symbol)."""
+    if isinstance(expr, ast.Num):
+        value = _checked(expr.value, expr.pos)
+        return lambda env: value
+    if isinstance(expr, ast.Bool):
+        b = expr.value
+        return lambda env: b
+    if isinstance(expr, ast.Name):
+        return resolve(expr)
+    if isinstance(expr, ast.Attr):
+        if expr.obj != "chip" or expr.name not in FACT_NAMES:
+            raise EvalError(f"unknown chip fact {expr.obj}.{expr.name}", expr.pos)
+        name, pos = expr.name, expr.pos
+
+        def chip_fact(env: Env) -> Value:
+            if env.chip is None:
+                raise NotConstant
+            return fact(env.chip, name)
+
+        return chip_fact
+    if isinstance(expr, ast.Unary):
+        operand = compile_expr(expr.operand, resolve)
+        pos = expr.pos
+        if expr.op == "not":
+            def not_(env):
+                v = operand(env)
+                _need_bool(v, pos, "'not'")
+                return not v
+            return not_
+
+        def neg(env):
+            v = operand(env)
+            _need_num(v, pos, "'-'")
+            return -v
+        return neg
+    if isinstance(expr, ast.Binary):
+        left, right = compile_expr(expr.left, resolve), compile_expr(expr.right, resolve)
+        op, pos = expr.op, expr.pos
+        if op == "and":
+            def and_(env):
+                a = left(env)
+                _need_bool(a, pos, "'and'")
+                if not a:
+                    return False
+                b = right(env)
+                _need_bool(b, pos, "'and'")
+                return b
+            return and_
+        if op == "or":
+            def or_(env):
+                a = left(env)
+                _need_bool(a, pos, "'or'")
+                if a:
+                    return True
+                b = right(env)
+                _need_bool(b, pos, "'or'")
+                return b
+            return or_
+        return lambda env: _arith(op, left(env), right(env), pos)
+    if isinstance(expr, ast.Compare):
+        left, right = compile_expr(expr.left, resolve), compile_expr(expr.right, resolve)
+        op, pos = expr.op, expr.pos
+        return lambda env: _compare(op, left(env), right(env), pos)
+    if isinstance(expr, ast.InSet):
+        value = compile_expr(expr.value, resolve)
+        items = [compile_expr(i, resolve) for i in expr.items]
+        negated, pos = expr.negated, expr.pos
+
+        def in_set(env):
+            v = value(env)
+            found = any(_compare("==", v, item(env), pos) for item in items)
+            return not found if negated else found
+        return in_set
+    if isinstance(expr, ast.Call):
+        fn = FUNCTIONS.get(expr.func)
+        if fn is None:
+            raise EvalError(f"unknown function '{expr.func}'", expr.pos)
+        n = len(expr.args)
+        if n < fn.min_args or (fn.max_args is not None and n > fn.max_args):
+            raise EvalError(f"{fn.name} takes {_arity(fn)}, got {n}", expr.pos)
+        args = [compile_expr(a, resolve) for a in expr.args]
+        pos = expr.pos
+
+        def call(env):
+            values = [a(env) for a in args]
+            for v in values:
+                _need_num(v, pos, fn.name)
+            if fn.name in ("cdiv",) and not all(isinstance(v, int) for v in values):
+                raise EvalError(f"{fn.name} needs integers", pos)
+            try:
+                return _checked(fn.apply(*values), pos)
+            except ZeroDivisionError:
+                raise EvalError("division by zero", pos) from None
+            except (ValueError, OverflowError) as err:
+                raise EvalError(str(err) or f"{fn.name}: value out of range", pos) from None
+        return call
+    if isinstance(expr, ast.Cond):
+        then, test, otherwise = (compile_expr(e, resolve) for e in (expr.then, expr.test, expr.otherwise))
+        pos = expr.pos
+
+        def cond(env):
+            t = test(env)
+            _need_bool(t, pos, "'if'")
+            return then(env) if t else otherwise(env)
+        return cond
+    raise EvalError(f"not an expression: {expr!r}", getattr(expr, "pos", ast.NOWHERE))
+
+
+def _arity(fn: Function) -> str:
+    if fn.max_args is None:
+        return f"{fn.min_args} or more arguments"
+    if fn.min_args == fn.max_args:
+        return f"{fn.min_args} argument" + ("s" if fn.min_args != 1 else "")
+    return f"{fn.min_args} to {fn.max_args} arguments"
+
+
+def _symbol_resolver(name: ast.Name) -> Callable[[Env], Value]:
+    symbol = name.name
+    return lambda env: symbol
+
+
+def _constant_resolver(known_names: frozenset[str]) -> Resolver:
+    def resolve(name: ast.Name):
+        if name.name in known_names:
+            def not_constant(env):
+                raise NotConstant
+            return not_constant
+        return _symbol_resolver(name)
+    return resolve
+
+
+def try_constant(expr: ast.Expr, names_that_vary: frozenset[str] = frozenset()) -> tuple[bool, Value | None]:
+    """(True, value) when the expression needs no feature, let or chip fact; (False, None)
+    otherwise. An expression that fails on constants raises EvalError."""
+    try:
+        fn = compile_expr(expr, _constant_resolver(names_that_vary))
+        return True, fn(Env({}, None))
+    except NotConstant:
+        return False, None
+
+
+def constant_value(expr: ast.Expr, text: str, path: str) -> Value:
+    """The value of a constant expression, names read as symbols (for config strings)."""
+    try:
+        return compile_expr(expr, _symbol_resolver)(Env({}, None))
+    except NotConstant:
+        raise DSLError(Diagnostic("a configuration's values must be constants (chip facts are "
+                                  "not known here)", max(1, expr.pos.line), max(1, expr.pos.column),
+                                  path=path, source_line=source_line(text, expr.pos.line))) from None
+    except EvalError as err:
+        raise err.to_dsl_error(text, path) from None

@@ -1,0 +1,79 @@
+"""What a heuristic rule can ask about a call: each op's features, with their types.
+
+The DSL checker, the selection code, `kernelevo explain` and docs/dsl.md all read these
+tables; nothing else lists them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+FeatureType = Literal["int", "bool", "symbol", "number"]
+
+#: dtype symbols as the DSL writes them, and the MLX dtype names they stand for
+DTYPES: dict[str, str] = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+DTYPE_SYMBOL: dict[str, str] = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    type: FeatureType
+    doc: str
+    symbols: tuple[str, ...] = ()  # the values a symbol feature can take
+
+
+MATMUL_FEATURES: tuple[Feature, ...] = (
+    Feature("M", "int", "rows of the product (tokens, for a linear layer)"),
+    Feature("N", "int", "columns of the product (output features)"),
+    Feature("K", "int", "the contracted dimension (input features)"),
+    Feature("batch", "int", "number of independent products (broadcast batch axes, multiplied)"),
+    Feature("dtype", "symbol", "element type of the operands and the result", tuple(DTYPES)),
+    Feature("transpose_a", "bool", "the call asked for a's last two axes transposed"),
+    Feature("transpose_b", "bool", "the call asked for b's last two axes transposed (a weight stored [N, K])"),
+    Feature("epilogue", "symbol", "what is fused after the product",
+            ("none", "bias", "activation", "residual", "scale", "mixed")),
+)
+
+ATTENTION_FEATURES: tuple[Feature, ...] = (
+    Feature("batch", "int", "batch size"),
+    Feature("heads", "int", "query heads"),
+    Feature("kv_heads", "int", "key/value heads"),
+    Feature("gqa", "int", "query heads per key/value head (heads / kv_heads)"),
+    Feature("q_len", "int", "query sequence length"),
+    Feature("kv_len", "int", "key/value sequence length"),
+    Feature("head_dim", "int", "dimension of each head"),
+    Feature("dtype", "symbol", "element type of q, k and v", tuple(DTYPES)),
+    Feature("causal", "bool", "causal masking"),
+    Feature("mask", "symbol", "kind of mask", ("none", "causal", "bool", "additive")),
+    Feature("softcap", "number", "logit soft-capping value (0 when off)"),
+    Feature("window", "int", "sliding-window size in tokens (0 when off)"),
+)
+
+OP_FEATURES: dict[str, tuple[Feature, ...]] = {
+    "matmul": MATMUL_FEATURES,
+    "attention": ATTENTION_FEATURES,
+}
+
+OPS: tuple[str, ...] = tuple(OP_FEATURES)
+
+
+def feature(op: str, name: str) -> Feature | None:
+    for f in OP_FEATURES[op]:
+        if f.name == name:
+            return f
+    return None
+
+
+def matmul_features(M: int, N: int, K: int, *, batch: int = 1, dtype: str = "f32",
+                    transpose_a: bool = False, transpose_b: bool = False,
+                    epilogue: str = "none") -> dict:
+    """A matmul call's features, in the order of MATMUL_FEATURES. dtype is a DSL symbol
+    (f32/f16/bf16) or an MLX dtype name."""
+    dtype = DTYPE_SYMBOL.get(dtype, dtype)
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    return {"M": int(M), "N": int(N), "K": int(K), "batch": int(batch), "dtype": dtype,
+            "transpose_a": bool(transpose_a), "transpose_b": bool(transpose_b),
+            "epilogue": epilogue}
