@@ -27,6 +27,17 @@ const char* dtype_name(mx::Dtype d) {
   return "bfloat16";
 }
 
+// mlx.core converts a Device argument to its default Stream implicitly, which fails for
+// a GPU on a CPU-only build before kernelevo can say what is wrong; read it ourselves.
+mx::StreamOrDevice stream_or_device(const nb::object& obj) {
+  if (obj.is_none()) return std::monostate{};
+  if (nb::isinstance<mx::Device>(obj)) return nb::cast<mx::Device>(obj);
+  if (nb::isinstance<mx::Device::DeviceType>(obj)) {
+    return mx::Device(nb::cast<mx::Device::DeviceType>(obj));  // mx.cpu / mx.gpu
+  }
+  return nb::cast<mx::Stream>(obj);
+}
+
 std::optional<ke::KernelConfig> make_config(const std::optional<std::string>& family,
                                             const ke::ParamMap& params) {
   if (!family) {
@@ -47,8 +58,9 @@ NB_MODULE(_ext, m) {
       "matmul",
       [](const mx::array& a, const mx::array& b, const std::optional<std::string>& family,
          const ke::ParamMap& params, bool transpose_a, bool transpose_b,
-         mx::StreamOrDevice s) {
-        return ke::matmul(a, b, make_config(family, params), transpose_a, transpose_b, s);
+         const nb::object& stream) {
+        return ke::matmul(a, b, make_config(family, params), transpose_a, transpose_b,
+                          stream_or_device(stream));
       },
       "a"_a, "b"_a, "family"_a = nb::none(), "params"_a = ke::ParamMap{},
       "transpose_a"_a = false, "transpose_b"_a = false, nb::kw_only(),

@@ -108,15 +108,18 @@ MatmulCall describe_matmul(const mx::Shape& a_shape, const mx::Shape& b_shape,
 mx::array matmul(const mx::array& a_in, const mx::array& b_in,
                  const std::optional<KernelConfig>& config, bool transpose_a,
                  bool transpose_b, mx::StreamOrDevice s) {
-  const mx::Stream stream = mx::to_stream(s);
+  // Decide the device before asking MLX for a stream: a CPU-only MLX has no GPU stream.
+  mx::Device::DeviceType device = mx::default_device().type;
+  if (auto* d = std::get_if<mx::Device>(&s)) device = d->type;
+  if (auto* st = std::get_if<mx::Stream>(&s)) device = st->device.type;
   const MatmulCall call = describe_matmul(a_in.shape(), b_in.shape(), a_in.dtype(),
-                                          b_in.dtype(), transpose_a, transpose_b,
-                                          stream.device.type);
-  if (stream.device.type != mx::Device::cpu) {
+                                          b_in.dtype(), transpose_a, transpose_b, device);
+  if (device != mx::Device::cpu) {
     throw BackendNotSupported(
         "[kernelevo.matmul] not yet supported on this backend (GPU streams); run it on "
         "the CPU, e.g. with stream=mx.cpu");
   }
+  const mx::Stream stream = mx::to_stream(s);
   KernelConfig chosen;
   if (config) {
     chosen = *config;

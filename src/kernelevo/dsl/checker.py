@@ -47,28 +47,32 @@ def _feature_type(f: Feature) -> Type:
     return {"int": INT, "bool": BOOL, "number": FLOAT}[f.type]
 
 
-def representative_chip(backend: str, patterns: tuple[str, ...]) -> Chip:
-    """Facts to check a file against when it is not checked for one particular chip:
-    the most restrictive chip its patterns allow. cores=0 means 'not known'."""
+_CPU_CLASSES = {"avx512": (512, 32), "avx2": (256, 16), "neon": (128, 32)}
+
+
+def representative_chips(backend: str, patterns: tuple[str, ...]) -> list[Chip]:
+    """The kinds of chip a file's `chips` patterns cover, each with the facts that limit
+    kernels (cores=0 means 'not known'). A file is checked against each of them."""
     if backend == "cpu":
-        isa = {p.split("-")[1] if p.startswith("cpu-") and p.count("-") >= 1 else "" for p in patterns}
-        if isa == {"avx512"}:
-            width, regs = 512, 32
-        elif isa <= {"avx512", "avx2"} and isa:
-            width, regs = 256, 16
-        elif isa == {"neon"}:
-            width, regs = 128, 32
-        else:
-            width, regs = 128, 16
-        return Chip(id="cpu-any", backend="cpu", name="any CPU", vendor="", cores=0,
-                    simd_width=width, vector_registers=regs)
+        classes = set()
+        for pattern in patterns:
+            parts = pattern.split("-")
+            isa = parts[1] if len(parts) > 1 and parts[0] == "cpu" else "*"
+            classes |= ({isa} if isa in _CPU_CLASSES else {"*"})
+        found = []
+        for isa in sorted(classes):
+            width, regs = _CPU_CLASSES.get(isa, (128, 16))
+            name = f"{isa.upper()} CPUs" if isa != "*" else "any CPU"
+            found.append(Chip(id=f"cpu-{isa}", backend="cpu", name=name, vendor="", cores=0,
+                              simd_width=width, vector_registers=regs))
+        return found
     if backend == "metal":
-        return Chip(id="apple-any", backend="metal", name="any Apple GPU", vendor="apple",
-                    cores=0, simd_width=32, threadgroup_memory=32768, max_threads=1024)
-    hopper = patterns and all(p.startswith(("nvidia-h1", "nvidia-h2", "nvidia-gh", "nvidia-b", "nvidia-gb"))
-                              for p in patterns)
-    return Chip(id="nvidia-any", backend="cuda", name="any NVIDIA GPU", vendor="nvidia", cores=0,
-                simd_width=32, threadgroup_memory=(227 if hopper else 99) * 1024, max_threads=1024)
+        return [Chip(id="apple-any", backend="metal", name="Apple GPUs", vendor="apple",
+                     cores=0, simd_width=32, threadgroup_memory=32768, max_threads=1024)]
+    hopper = bool(patterns) and all(
+        p.startswith(("nvidia-h1", "nvidia-h2", "nvidia-gh", "nvidia-b", "nvidia-gb")) for p in patterns)
+    return [Chip(id="nvidia-any", backend="cuda", name="NVIDIA GPUs", vendor="nvidia", cores=0,
+                 simd_width=32, threadgroup_memory=(227 if hopper else 99) * 1024, max_threads=1024)]
 
 
 class _Checker:
@@ -106,7 +110,8 @@ class _Checker:
             self.error(f"unknown target '{backend}'; expected one of {', '.join(BACKENDS)}"
                        + self._suggest(backend, BACKENDS), p.target_pos)
             backend = None
-        chip = self.chip or (representative_chip(backend, p.chips or ("*",)) if backend else None)
+        chips = ([self.chip] if self.chip else
+                 representative_chips(backend, p.chips or ("*",)) if backend else [])
         seen: dict[str, ast.Section] = {}
         for section in p.sections:
             if section.op in seen:
@@ -114,18 +119,19 @@ class _Checker:
                            f"{seen[section.op].pos.line})", section.pos)
                 continue
             seen[section.op] = section
-            self.section(section, backend, chip)
-        self.diagnostics.sort(key=lambda d: (d.line, d.column))
-        return self.diagnostics
+            self.section(section, backend, chips)
+        unique = list(dict.fromkeys(self.diagnostics))  # a node may be looked at twice
+        return sorted(unique, key=lambda d: (d.line, d.column))
 
     # -- sections --------------------------------------------------------------------
-    def section(self, section: ast.Section, backend: str | None, chip: Chip | None) -> None:
+    def section(self, section: ast.Section, backend: str | None, chips: list[Chip]) -> None:
         features = {f.name: f for f in OP_FEATURES[section.op]}
         lets: dict[str, Type] = {}
         seen_rule = False
         else_rule: ast.Rule | None = None
         earlier: list[ast.Rule] = []
         always: ast.Rule | None = None
+        reachable = {chip.id: True for chip in chips}  # has no earlier rule matched always?
         for item in section.items:
             if isinstance(item, ast.Let):
                 if seen_rule:
@@ -146,19 +152,37 @@ class _Checker:
                     self.error(f"never reached: the rule at line {always.pos.line} always matches",
                                item.pos)
             else:
-                self.condition(item, features, lets, earlier, always)
-                if always is None:
-                    known, value = self._constant(item.condition, features, lets)
-                    if known and value is True:
-                        always = item
+                if self.condition(item, features, lets, earlier, always) and always is None:
+                    always = item
                 earlier.append(item)
             if backend is not None:
-                self.config(item.config, section.op, backend, chip, features, lets)
+                # Constraints are checked for each kind of chip that can reach the rule.
+                for_chips = [c for c in chips if reachable[c.id] and self._possible(item, c, features, lets)]
+                self.config(item.config, section.op, backend, for_chips, features, lets)
+                for c in for_chips:
+                    if item.is_else or self._certain(item, c, features, lets):
+                        reachable[c.id] = False
         if else_rule is None:
             self.error(f"the {section.op} section needs a final `else {{ ... }}` rule "
                        f"(what runs when no rule matches)",
                        ast.Pos(section.pos.end_line, max(1, section.pos.end_column - 1),
                                section.pos.end_line, section.pos.end_column))
+
+    def _chip_value(self, rule, chip, features, lets):
+        try:
+            return try_constant(rule.condition, frozenset(features) | frozenset(lets), chip)
+        except EvalError:
+            return False, None
+
+    def _possible(self, rule, chip, features, lets) -> bool:
+        if rule.is_else:
+            return True
+        known, value = self._chip_value(rule, chip, features, lets)
+        return not (known and value is False)
+
+    def _certain(self, rule, chip, features, lets) -> bool:
+        known, value = self._chip_value(rule, chip, features, lets)
+        return known and value is True
 
     def _constant(self, expr, features, lets):
         try:
@@ -167,7 +191,9 @@ class _Checker:
             self.error(err.message, err.pos)
             return False, None
 
-    def condition(self, rule, features, lets, earlier, always) -> None:
+    def condition(self, rule, features, lets, earlier, always) -> bool:
+        """Checks a rule's condition; True when it is constantly true."""
+        errors_before = len(self.diagnostics)
         t = self.value_type(rule.condition, features, lets)
         if t.kind not in ("bool", "any"):
             self.error(f"a rule's condition must be true/false; this is {_KIND_WORDS[t.kind]}",
@@ -175,18 +201,21 @@ class _Checker:
         if always is not None:
             self.error(f"never reached: the rule at line {always.pos.line} always matches",
                        rule.pos)
-            return
-        known, value = self._constant(rule.condition, features, lets)
-        if known and value is False:
-            self.error("never matches: the condition is always false", rule.condition.pos)
+            return False
         for prior in earlier:
             if prior.condition == rule.condition:
                 self.error(f"never reached: the rule at line {prior.pos.line} has the same "
                            f"condition", rule.pos)
-                break
+                return False
+        if len(self.diagnostics) > errors_before:
+            return False  # evaluating it would only repeat what was reported
+        known, value = self._constant(rule.condition, features, lets)
+        if known and value is False:
+            self.error("never matches: the condition is always false", rule.condition.pos)
+        return known and value is True
 
     # -- configurations --------------------------------------------------------------
-    def config(self, spec: ast.ConfigSpec, op: str, backend: str, chip: Chip | None,
+    def config(self, spec: ast.ConfigSpec, op: str, backend: str, chips: list[Chip],
                features, lets) -> None:
         fam = family(op, backend, spec.family)
         if fam is None:
@@ -210,7 +239,8 @@ class _Checker:
                 self.error(f"parameter '{param.name}' is given twice", param.pos)
                 continue
             given[param.name] = param
-            if self.param_value(param, schema, features, lets):
+            errors_before = len(self.diagnostics)
+            if self.param_value(param, schema, features, lets) and len(self.diagnostics) == errors_before:
                 known, value = self._constant(param.value, features, lets)
                 if known:
                     value = _as_param_value(value, schema)
@@ -222,9 +252,12 @@ class _Checker:
         missing = [n for n in fam.param_names if n not in given]
         if missing:
             self.error(f"{fam.name} needs " + ", ".join(f"{n}=..." for n in missing), spec.pos)
-        elif chip is not None and len(constants) == len(fam.params):
-            for message in fam.violations(constants, chip):
-                self.error(f"{message} (for {chip.name})", spec.pos)
+        else:
+            # Constraints whose parameters are all constants (the others read a missing
+            # key and are skipped); the rest are checked when the rule is selected.
+            for chip in chips:
+                for message in fam.violations(constants, chip):
+                    self.error(f"{message} (for {chip.name})", spec.pos)
 
     def param_value(self, param: ast.Param, schema: Param, features, lets) -> bool:
         """Checks the value's type; True when it is well typed."""
@@ -439,6 +472,7 @@ def _show(value) -> str:
 def check(program: ast.Program, text: str, path: str = "<string>",
           chip: Chip | None = None) -> list[Diagnostic]:
     """All diagnostics for a parsed program. With a chip, constraints are checked with its
-    facts; otherwise with the most restrictive chip the file's `chips` line allows."""
+    facts; otherwise for each kind of chip the file's `chips` line covers, on the rules
+    that kind of chip can reach."""
     return _Checker(program, text, path, chip).run()
 

@@ -314,12 +314,13 @@ def _constant_resolver(known_names: frozenset[str]) -> Resolver:
     return resolve
 
 
-def try_constant(expr: ast.Expr, names_that_vary: frozenset[str] = frozenset()) -> tuple[bool, Value | None]:
-    """(True, value) when the expression needs no feature, let or chip fact; (False, None)
-    otherwise. An expression that fails on constants raises EvalError."""
+def try_constant(expr: ast.Expr, names_that_vary: frozenset[str] = frozenset(),
+                 chip: Chip | None = None) -> tuple[bool, Value | None]:
+    """(True, value) when the expression needs no feature or let (nor chip fact, unless a
+    chip is given); (False, None) otherwise. Failing on constants raises EvalError."""
     try:
         fn = compile_expr(expr, _constant_resolver(names_that_vary))
-        return True, fn(Env({}, None))
+        return True, fn(Env({}, chip))
     except NotConstant:
         return False, None
 

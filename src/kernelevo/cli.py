@@ -1,0 +1,246 @@
+"""The `kernelevo` command."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Autotuned matmul and attention kernels for MLX, steered by .kevo heuristics.")
+db_app = typer.Typer(no_args_is_help=True, help="The tuning database.")
+app.add_typer(db_app, name="db")
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1):
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=False)
+    raise typer.Exit(code)
+
+
+@app.command()
+def chips(backend: Optional[str] = typer.Option(None, help="cpu, metal or cuda (default: all present)")):
+    """Show the chips kernelevo detects on this machine, with their facts."""
+    from . import chips as chips_mod
+
+    backends = [backend] if backend else list(chips_mod.available_backends())
+    for name in backends:
+        chip = chips_mod.detect(name)
+        table = Table(title=f"{name}: {chip.id}", show_header=False, title_justify="left")
+        table.add_row("name", chip.name)
+        table.add_row("recognised", "yes" if chip.known else "no (generic heuristics)")
+        for f in chips_mod.FACTS:
+            value = chips_mod.fact(chip, f.name)
+            if value:
+                table.add_row(f"chip.{f.name}", str(value))
+        if chip.isa:
+            table.add_row("features", " ".join(chip.isa))
+        out.print(table)
+
+
+def _parse_shape(text: str) -> tuple[int, int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
+    if not m:
+        _fail(f"--shape takes MxNxK (e.g. 16x4096x4096), not {text!r}", 2)
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+
+
+@app.command()
+def explain(op: str = typer.Argument(..., help="matmul"),
+            shape: str = typer.Option(..., help="MxNxK: the product is M x N, contracted over K"),
+            dtype: str = typer.Option("f32", help="f32, f16 or bf16"),
+            batch: int = typer.Option(1, help="number of independent products"),
+            transpose_a: bool = typer.Option(False, "--transpose-a"),
+            transpose_b: bool = typer.Option(False, "--transpose-b", help="b is stored [N, K] (a linear layer's weight)"),
+            backend: str = typer.Option("cpu", help="cpu (metal and cuda once their kernels exist)")):
+    """Show which rule of which .kevo file chooses the kernel for a call, and why."""
+    from . import ops
+    from .dsl import DSLError
+    from .features import matmul_features
+
+    if op != "matmul":
+        _fail(f"explain knows matmul; {op!r} is not available yet", 2)
+    M, N, K = _parse_shape(shape)
+    try:
+        features = matmul_features(M, N, K, batch=batch, dtype=dtype, transpose_a=transpose_a,
+                                   transpose_b=transpose_b)
+        e = ops.explain_matmul(features, backend)
+    except (DSLError, ValueError) as error:
+        _fail(str(error))
+    s = e.selection
+    out.print(f"call     matmul M={M} N={N} K={K} batch={batch} dtype={features['dtype']} "
+              f"transpose_a={'yes' if transpose_a else 'no'} transpose_b={'yes' if transpose_b else 'no'}",
+              highlight=False, markup=False)
+    out.print(f"chip     {e.chip.id} ({e.chip.name})", highlight=False, markup=False)
+    out.print(f"file     {e.source.path}  [{e.source.origin}: {e.source.reason}]", highlight=False, markup=False)
+    out.print(f"rule     {s.rule_number} at line {s.line}: {s.rule_text}", highlight=False, markup=False)
+    out.print(f"config   {s.config.to_dsl()}", highlight=False, markup=False)
+    out.print(f"kernel   {s.config.name}", highlight=False, markup=False)
+
+
+@app.command()
+def check(files: list[Path] = typer.Argument(..., help=".kevo files")):
+    """Check .kevo files: syntax, names, types, families, parameters, constraints, reachability."""
+    from .dsl import DSLError, check as check_program, parse
+
+    failed = False
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+            diagnostics = check_program(parse(text, str(path)), text, str(path))
+        except DSLError as error:
+            diagnostics = error.diagnostics
+        except OSError as error:
+            _fail(f"{path}: {error.strerror}")
+        for d in diagnostics:
+            print(d.render(), file=sys.stderr)
+        errors = [d for d in diagnostics if d.severity == "error"]
+        failed |= bool(errors)
+        if not errors:
+            print(f"{path}: ok")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def fmt(files: list[Path] = typer.Argument(..., help=".kevo files"),
+        write: bool = typer.Option(False, "--write", "-w", help="rewrite the files in place"),
+        check_only: bool = typer.Option(False, "--check", help="exit 1 if a file is not in canonical form")):
+    """Print .kevo files in canonical form (comments kept)."""
+    from .dsl import DSLError, format_program, parse
+
+    changed = False
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        try:
+            canonical = format_program(parse(text, str(path)))
+        except DSLError as error:
+            print(error, file=sys.stderr)
+            raise typer.Exit(1)
+        if check_only:
+            if canonical != text:
+                changed = True
+                err.print(f"{path}: not in canonical form", highlight=False, markup=False)
+        elif write:
+            if canonical != text:
+                path.write_text(canonical, encoding="utf-8")
+        else:
+            sys.stdout.write(canonical)
+    if changed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def tune(chip: str = typer.Option("auto", help="'auto' (this machine's chip) or its id; other chips cannot be timed here"),
+         backend: Optional[str] = typer.Option(None, help="cpu, metal or cuda (default: MLX's default device)"),
+         workload: str = typer.Option("qwen3-0.6b", help="a built-in workload preset"),
+         candidates: int = typer.Option(12, help="configurations sampled per shape, besides the shipped one"),
+         reps: int = typer.Option(5, help="timed repetitions per configuration (paired with the baseline)"),
+         seed: int = typer.Option(0, help="seed of the candidate sampling"),
+         output: Optional[Path] = typer.Option(None, help="write the heuristics here instead of the user data directory"),
+         database: Optional[Path] = typer.Option(None, "--db", help="the tuning database (default: user cache directory)")):
+    """Time candidate kernels on this chip and write the winners as .kevo heuristics."""
+    from . import chips as chips_mod
+    from .paths import database_path
+    from .tune.db import Database
+    from .tune.runner import Tuner, TuneSettings
+    from .tune.workloads import PRESETS
+
+    backend = backend or chips_mod.default_backend()
+    if backend != "cpu":
+        _fail(f"kernelevo has no {backend} kernels yet; tune the CPU with --backend cpu")
+    local = chips_mod.detect(backend)
+    if chip not in ("auto", local.id):
+        _fail(f"a chip can only be timed on itself: this machine's {backend} chip is {local.id}, "
+              f"not {chip}. Run `kernelevo tune --chip auto` on that machine.", 2)
+    if workload not in PRESETS:
+        _fail(f"unknown workload {workload!r}; presets: {', '.join(PRESETS)}", 2)
+    settings = TuneSettings(candidates=candidates, reps=reps, seed=seed)
+    db_path = database or database_path()
+    out.print(f"tuning {PRESETS[workload].description}\n  chip {local.id} ({local.name}), "
+              f"database {db_path}", highlight=False, markup=False)
+    with Database(db_path) as db, Progress(TextColumn("{task.description}"), BarColumn(),
+                                           MofNCompleteColumn(), TimeElapsedColumn(),
+                                           console=err, transient=True) as bar:
+        task = bar.add_task("tuning", total=1)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what)
+
+        try:
+            result = Tuner(backend, db, settings, progress).run(PRESETS[workload], output)
+        except KeyboardInterrupt:
+            err.print("interrupted: finished measurements are kept; run the same command to resume")
+            raise typer.Exit(130)
+    _print_summary(result)
+
+
+def _ms(seconds: Optional[float]) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.3f}"
+
+
+def _print_summary(result) -> None:
+    table = Table(title=f"matmul on {result.chip.id}", title_justify="left")
+    for column in ("shape", "mlx ms", "shipped ms", "tuned ms", "speedup", "chosen configuration"):
+        table.add_column(column, justify="right" if "ms" in column or column == "speedup" else "left")
+    for s in result.shapes:
+        chosen = s.best or s.shipped
+        table.add_row(str(s.shape), _ms(s.mlx_s), _ms(s.shipped_s),
+                      _ms(s.best_s if s.best else s.shipped_s), f"{s.speedup:.2f}x",
+                      chosen.to_dsl() + ("" if s.best else "  (shipped)"))
+    out.print(table)
+    failed = sum(s.failed for s in result.shapes)
+    measured = sum(s.measured for s in result.shapes)
+    reused = sum(s.reused for s in result.shapes)
+    out.print(f"geometric-mean speedup over the shipped heuristics: {result.geomean_speedup:.3f}x "
+              f"({measured} measured, {reused} reused from the database, {failed} rejected) "
+              f"in {result.elapsed_s:.0f} s", highlight=False, markup=False)
+    if result.output:
+        out.print(f"wrote {result.output}", highlight=False, markup=False)
+
+
+@db_app.command("list")
+def db_list(database: Optional[Path] = typer.Option(None, "--db")):
+    """List tuning runs."""
+    import time
+
+    from .paths import database_path
+    from .tune.db import Database
+
+    with Database(database or database_path()) as db:
+        table = Table("run", "started", "chip", "workload", "status", "measurements", "output")
+        for run in db.runs():
+            n = len(db.measurements(run_id=run.id))
+            table.add_row(str(run.id), time.strftime("%Y-%m-%d %H:%M", time.localtime(run.started_at)),
+                          run.chip, run.workload, run.status, str(n), run.output or "")
+        out.print(table)
+
+
+@db_app.command("show")
+def db_show(run: Optional[int] = typer.Option(None, help="only this run"),
+            database: Optional[Path] = typer.Option(None, "--db")):
+    """Show measurements."""
+    from .paths import database_path
+    from .tune.db import Database
+
+    with Database(database or database_path()) as db:
+        table = Table("id", "shape", "config", "status", "median ms", "vs baseline", "reason")
+        for m in db.measurements(run_id=run):
+            table.add_row(str(m.id), m.shape_key, m.config, m.status, _ms(m.median_s),
+                          f"{m.ratio:.3f}" if m.ratio else "", m.reason or "")
+        out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Tuning: workloads, verification, timing, the measurement database, distillation."""

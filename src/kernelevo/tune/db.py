@@ -1,0 +1,207 @@
+"""The tuning database: every measurement ever taken, in SQLite under the user's cache.
+
+Each measurement is committed on its own, so a run killed at any moment loses at most
+the one in flight, and a later run finds what is done and skips it. WAL journaling and a
+busy timeout let two runs write at once. Rows are keyed by chip, backend, the hash of
+the kernel sources, op, shape and configuration: a kernel change invalidates them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+# Each entry upgrades the schema from version i to i + 1.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        chip TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        workload TEXT NOT NULL,
+        settings TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'running',
+        output TEXT
+    );
+    CREATE TABLE measurements (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id INTEGER REFERENCES runs(id),
+        created_at REAL NOT NULL,
+        chip TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        template_hash TEXT NOT NULL,
+        op TEXT NOT NULL,
+        shape_key TEXT NOT NULL,
+        config TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('ok', 'wrong', 'error', 'timeout', 'crash')),
+        reason TEXT,
+        error REAL,
+        median_s REAL,
+        q1_s REAL,
+        q3_s REAL,
+        min_s REAL,
+        samples TEXT,
+        baseline TEXT,
+        baseline_median_s REAL,
+        ratio REAL
+    );
+    CREATE INDEX measurement_key
+        ON measurements (chip, backend, template_hash, op, shape_key, config);
+    """,
+]
+
+#: what `config` holds for the built-in MLX op measured as a baseline
+MLX_BUILTIN = "mlx"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    id: int
+    run_id: int | None
+    created_at: float
+    chip: str
+    backend: str
+    template_hash: str
+    op: str
+    shape_key: str
+    config: str
+    status: str
+    reason: str | None
+    error: float | None
+    median_s: float | None
+    q1_s: float | None
+    q3_s: float | None
+    min_s: float | None
+    samples: str | None
+    baseline: str | None
+    baseline_median_s: float | None
+    ratio: float | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    started_at: float
+    finished_at: float | None
+    chip: str
+    backend: str
+    workload: str
+    settings: str
+    status: str
+    output: str | None
+
+
+class Database:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA busy_timeout=60000")
+        self._migrate()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._transaction() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"{self.path} has schema version {version}; this kernelevo "
+                                   f"reads up to {SCHEMA_VERSION} (upgrade kernelevo)")
+            for index in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[index].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={index + 1}")
+
+    @property
+    def schema_version(self) -> int:
+        return self._conn.execute("PRAGMA user_version").fetchone()[0]
+
+    # -- runs --------------------------------------------------------------------------
+    def start_run(self, chip: str, backend: str, workload: str, settings: dict) -> int:
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "INSERT INTO runs (started_at, chip, backend, workload, settings) VALUES (?, ?, ?, ?, ?)",
+                (time.time(), chip, backend, workload, json.dumps(settings, sort_keys=True)))
+            return int(cursor.lastrowid)
+
+    def finish_run(self, run_id: int, status: str, output: str | None) -> None:
+        with self._transaction() as conn:
+            conn.execute("UPDATE runs SET finished_at = ?, status = ?, output = ? WHERE id = ?",
+                         (time.time(), status, output, run_id))
+
+    def runs(self) -> list[Run]:
+        rows = self._conn.execute("SELECT * FROM runs ORDER BY id").fetchall()
+        return [Run(**dict(r)) for r in rows]
+
+    # -- measurements ----------------------------------------------------------------
+    def record(self, *, run_id: int | None, chip: str, backend: str, template_hash: str, op: str,
+               shape_key: str, config: str, status: str, reason: str | None = None,
+               error: float | None = None, median_s: float | None = None,
+               q1_s: float | None = None, q3_s: float | None = None, min_s: float | None = None,
+               samples: tuple[float, ...] | None = None, baseline: str | None = None,
+               baseline_median_s: float | None = None, ratio: float | None = None) -> int:
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "INSERT INTO measurements (run_id, created_at, chip, backend, template_hash, op, "
+                "shape_key, config, status, reason, error, median_s, q1_s, q3_s, min_s, samples, "
+                "baseline, baseline_median_s, ratio) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, time.time(), chip, backend, template_hash, op, shape_key, config, status,
+                 reason, error, median_s, q1_s, q3_s, min_s,
+                 json.dumps(samples) if samples is not None else None,
+                 baseline, baseline_median_s, ratio))
+            return int(cursor.lastrowid)
+
+    def latest(self, *, chip: str, backend: str, template_hash: str, op: str, shape_key: str,
+               config: str) -> Measurement | None:
+        row = self._conn.execute(
+            "SELECT * FROM measurements WHERE chip = ? AND backend = ? AND template_hash = ? "
+            "AND op = ? AND shape_key = ? AND config = ? ORDER BY id DESC LIMIT 1",
+            (chip, backend, template_hash, op, shape_key, config)).fetchone()
+        return Measurement(**dict(row)) if row else None
+
+    def measurements(self, *, chip: str | None = None, backend: str | None = None,
+                     run_id: int | None = None, shape_key: str | None = None) -> list[Measurement]:
+        clauses, args = [], []
+        for column, value in (("chip", chip), ("backend", backend), ("run_id", run_id),
+                              ("shape_key", shape_key)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                args.append(value)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        rows = self._conn.execute(f"SELECT * FROM measurements {where} ORDER BY id", args).fetchall()
+        return [Measurement(**dict(r)) for r in rows]

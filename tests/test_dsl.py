@@ -1,0 +1,229 @@
+"""The .kevo language: parsing, precise errors, the checker's diagnostics, formatting,
+and selection."""
+
+import pytest
+
+from kernelevo.chips import Chip
+from kernelevo.dsl import DSLError, check, format_program, parse, parse_config
+from kernelevo.dsl.select import CompiledProgram
+from kernelevo.features import matmul_features
+
+AVX512 = Chip(id="cpu-avx512-test-2c", backend="cpu", name="test CPU", vendor="test", cores=2,
+              simd_width=512, vector_registers=32)
+
+GOOD = """\
+# header comment
+kevo 1
+target cpu
+chips cpu-avx512-*
+
+matmul {  # opening
+  let big = M * N >= 1 << 20
+  # decode
+  when M <= 8 and dtype in {f16, bf16} { skinny nb=64 threads=chip.cores }  # trailing
+  when big { gemm mc=96 nc=1024 kc=256 mr=6 nr=64 threads=2 if M > 512 else 1 split=n }
+  else { gemm mc=48 nc=512 kc=2 * 128 mr=6 nr=32 threads=chip.cores split=m }
+  # closing
+}
+"""
+
+
+def diagnostics(text, chip=AVX512):
+    try:
+        program = parse(text, "t.kevo")
+    except DSLError as err:
+        return err.diagnostics
+    return check(program, text, "t.kevo", chip)
+
+
+def only(text, chip=AVX512):
+    found = diagnostics(text, chip)
+    assert len(found) == 1, [d.render() for d in found]
+    return found[0]
+
+
+def program(body, header="kevo 1\ntarget cpu\n"):
+    return header + "matmul {\n" + body + "\n}\n"
+
+
+ELSE = "  else { gemm mc=48 nc=512 kc=256 mr=6 nr=32 threads=1 split=m }"
+
+
+def test_good_program_checks_clean_and_round_trips():
+    p = parse(GOOD, "t.kevo")
+    assert check(p, GOOD, "t.kevo", AVX512) == []
+    text = format_program(p)
+    assert parse(text) == p
+    assert format_program(parse(text)) == text
+    assert "# trailing" in text and "# closing" in text and "# opening" in text
+
+
+def test_selection_follows_rule_order():
+    compiled = CompiledProgram(parse(GOOD), GOOD, "t.kevo", AVX512)
+    s = compiled.select("matmul", matmul_features(4, 4096, 4096, dtype="bf16"))
+    assert (s.rule_number, s.config.to_dsl()) == (1, "skinny nb=64 threads=2")
+    s = compiled.select("matmul", matmul_features(256, 4096, 4096, dtype="f32"))
+    assert s.rule_number == 2 and s.config.get("threads") == 1  # M > 512 is false
+    s = compiled.select("matmul", matmul_features(1024, 4096, 4096))
+    assert s.config.get("threads") == 2
+    s = compiled.select("matmul", matmul_features(16, 16, 16))
+    assert s.rule_text == "else" and s.config.get("kc") == 256
+
+
+def test_syntax_error_names_line_column_and_expectation():
+    d = only("kevo 1\ntarget cpu\nmatmul {\n  when M > { gemm }\n}\n")
+    assert (d.line, d.column) == (4, 12)
+    assert "unexpected '{'" in d.message and "expected an expression" in d.message
+    assert d.render().splitlines()[2].index("^") == 4 + 11
+
+
+def test_unexpected_character():
+    d = only("kevo 1\ntarget cpu\nmatmul { when M $ 3 { gemm } }\n")
+    assert (d.line, d.column) == (3, 17) and "unexpected character '$'" in d.message
+
+
+def test_chained_comparison_hint():
+    d = only("kevo 1\ntarget cpu\nmatmul {\n  when 1 < M < 9 { gemm }\n}\n")
+    assert d.line == 4 and "cannot be chained" in d.message
+
+
+def test_missing_equals_hint():
+    d = only("kevo 1\ntarget cpu\nmatmul {\n  else { gemm mc 96 }\n}\n")
+    assert d.line == 4 and "name=value" in d.message
+
+
+def test_end_of_file():
+    d = only("kevo 1\ntarget cpu\nmatmul {\n  else { gemm mc=1")
+    assert d.line == 4 and "end of file" in d.message
+
+
+def test_missing_else():
+    d = only(program("  when M > 1 { gemm mc=48 nc=512 kc=256 mr=6 nr=32 threads=1 split=m }"))
+    assert "needs a final `else" in d.message and d.line == 5  # at the closing brace
+
+
+def test_rule_after_else_is_unreachable():
+    d = only(program(ELSE + "\n  when M > 1 { skinny nb=64 threads=1 }"))
+    assert d.line == 5 and "never reached" in d.message and "else rule at line 4" in d.message
+
+
+def test_unknown_target_and_version():
+    found = diagnostics("kevo 2\ntarget gpu\nmatmul {\n" + ELSE + "\n}\n")
+    messages = [d.message for d in found]
+    assert any("version 2" in m for m in messages)
+    assert any("unknown target 'gpu'" in m for m in messages)
+
+
+def test_unknown_name_with_suggestion():
+    d = only(program("  when Mm > 1 { skinny nb=64 threads=1 }\n" + ELSE))
+    assert (d.line, d.column) == (4, 8) and "unknown name 'Mm'" in d.message and "'M'" in d.message
+
+
+def test_unknown_symbol_value():
+    d = only(program("  when dtype == f64 { skinny nb=64 threads=1 }\n" + ELSE))
+    assert (d.line, d.column) == (4, 17) and "'f64' is not a value of dtype" in d.message
+
+
+def test_type_errors():
+    d = only(program("  when M + 1 { skinny nb=64 threads=1 }\n" + ELSE))
+    assert "must be true/false" in d.message and d.column == 8
+    d = only(program("  when M and K > 1 { skinny nb=64 threads=1 }\n" + ELSE))
+    assert "'and' needs true/false" in d.message
+    d = only(program("  when transpose_b > 1 { skinny nb=64 threads=1 }\n" + ELSE))
+    assert "'>' needs numbers" in d.message
+
+
+def test_unknown_family_and_parameter():
+    found = diagnostics(program("  when M > 1 { gemn mc=1 }\n  else { gemm mc=48 nc=512 kc=256 mr=6 "
+                                "nr=32 threads=1 split=m bk=16 }"))
+    assert len(found) == 2
+    assert "unknown matmul family 'gemn'" in found[0].message and "'gemm'" in found[0].message
+    assert (found[1].line, "no parameter 'bk'") == (5, "no parameter 'bk'") and "no parameter 'bk'" in found[1].message
+
+
+def test_value_outside_domain_and_missing_parameter():
+    found = diagnostics(program("  when M > 1 { gemm mc=48 nc=512 kc=256 mr=7 nr=32 threads=1 split=x }\n"
+                                "  else { gemm mc=48 }"))
+    messages = [d.message for d in found]
+    assert any("mr=7 is not one of 1, 2, 3" in m for m in messages)
+    assert any("'x' is not a value of split" in m for m in messages)
+    assert any("gemm needs nc=..., kc=..." in m for m in messages)
+
+
+def test_constraint_violations_use_the_chip():
+    text = program("  else { gemm mc=50 nc=512 kc=256 mr=16 nr=64 threads=4 split=m }")
+    messages = [d.message for d in diagnostics(text)]
+    assert any("mc % mr == 0" in m for m in messages)
+    assert any("vector registers" in m for m in messages)  # 16x64 needs 69 registers
+    assert any("threads <= chip.cores" in m for m in messages)
+
+
+def test_unreachable_and_never_matching_rules():
+    found = diagnostics(program("  when M > 1 { skinny nb=64 threads=1 }\n"
+                                "  when M > 1 { skinny nb=32 threads=1 }\n"
+                                "  when 1 > 2 { skinny nb=32 threads=1 }\n"
+                                "  when yes { skinny nb=16 threads=1 }\n"
+                                "  when K > 1 { skinny nb=16 threads=1 }\n" + ELSE))
+    messages = {d.line: d.message for d in found}
+    assert "same condition" in messages[5]
+    assert "always false" in messages[6]
+    assert "always matches" in messages[8] and "always matches" in messages[9]
+
+
+def test_several_diagnostics_at_once_in_order():
+    found = diagnostics(program("  when Q > 1 { gemn }\n  when dtype == f8 { skinny nb=3 threads=1 }"))
+    assert len(found) >= 4
+    assert [(d.line, d.column) for d in found] == sorted((d.line, d.column) for d in found)
+
+
+def test_let_rules():
+    found = diagnostics(program("  let M = 3\n  let x = 1\n  let x = 2\n" + ELSE + "\n  let y = 3"))
+    messages = [d.message for d in found]
+    assert any("would hide the feature" in m for m in messages)
+    assert any("bound twice" in m for m in messages)
+    assert any("come before the rules" in m for m in messages)
+
+
+def test_selection_errors_point_at_the_rule():
+    text = program("  when M < 100 { gemm mc=M nc=512 kc=256 mr=6 nr=32 threads=1 split=m }\n" + ELSE)
+    compiled = CompiledProgram(parse(text), text, "t.kevo", AVX512)
+    assert compiled.select("matmul", matmul_features(12, 8, 8)).config.get("mc") == 12
+    with pytest.raises(DSLError) as info:
+        compiled.select("matmul", matmul_features(13, 8, 8))
+    d = info.value.first
+    assert d.line == 4 and "mc % mr == 0" in d.message
+    text = program("  when M < 100 { skinny nb=64 threads=1 }\n" + ELSE)
+    compiled = CompiledProgram(parse(text), text, "t.kevo", AVX512)
+    text2 = program("  when M < 1000 { skinny nb=64 threads=1 }\n" + ELSE)
+    compiled2 = CompiledProgram(parse(text2), text2, "t.kevo", AVX512)
+    with pytest.raises(DSLError, match="M <= 64"):
+        compiled2.select("matmul", matmul_features(100, 8, 8))
+
+
+def test_evaluation_errors_are_dsl_errors():
+    text = program("  when M // (K - K) > 1 { skinny nb=64 threads=1 }\n" + ELSE)
+    compiled = CompiledProgram(parse(text), text, "t.kevo", AVX512)
+    with pytest.raises(DSLError, match="division by zero"):
+        compiled.select("matmul", matmul_features(12, 8, 8))
+    text = program("  when (1 << 61) * M > 1 { skinny nb=64 threads=1 }\n" + ELSE)
+    compiled = CompiledProgram(parse(text), text, "t.kevo", AVX512)
+    with pytest.raises(DSLError, match="out of range"):
+        compiled.select("matmul", matmul_features(12, 8, 8))
+
+
+def test_functions():
+    text = program("  when pow2ceil(M) == 16 and pow2floor(N) == 8 and log2(K) == 3 and cdiv(K, 3) == 3 "
+                   "and clamp(M, 1, 4) == 4 and min(M, N, K) == 9 and max(M, 2) == 12 "
+                   "{ skinny nb=64 threads=1 }\n" + ELSE)
+    compiled = CompiledProgram(parse(text), text, "t.kevo", AVX512)
+    assert compiled.select("matmul", matmul_features(12, 9, 9)).rule_number == 1
+    assert compiled.select("matmul", matmul_features(17, 9, 9)).rule_number == 2
+    d = only(program("  when powceil(M) > 1 { skinny nb=64 threads=1 }\n" + ELSE))
+    assert "unknown function 'powceil'" in d.message and "pow2ceil" in d.message
+
+
+def test_parse_config():
+    assert parse_config("gemm mc=96 nc=2*512 split=m flag=yes") == \
+        ("gemm", {"mc": 96, "nc": 1024, "split": "m", "flag": True})
+    with pytest.raises(DSLError, match="given twice"):
+        parse_config("gemm mc=1 mc=2")

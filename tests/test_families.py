@@ -1,0 +1,47 @@
+"""families.py is the one definition of each family's parameters: the extension must take
+exactly those parameters, and the compiled register tiles must be the ones declared."""
+
+import random
+
+import pytest
+
+import kernelevo as ke
+from kernelevo import KernelConfig, chips
+from kernelevo.families import ALL_FAMILIES, CPU_TILE_COLS, CPU_TILE_ROWS
+
+EXT = ke.ops._ext
+CHIP = chips.detect("cpu")
+
+
+@pytest.mark.parametrize("family", [f for f in ALL_FAMILIES if f.backend == "cpu"], ids=lambda f: f.name)
+def test_extension_takes_exactly_the_schema_parameters(family):
+    space = list(family.search_space(CHIP, {"M": 1}))
+    assert space, "the search space must not be empty on this machine"
+    for params in random.Random(0).sample(space, min(20, len(space))):
+        config = KernelConfig.make(family.op, family.backend, family.name, params)
+        EXT.validate_matmul_config(config.family, config.ext_params())  # reads every one
+        for missing in family.param_names:
+            partial = {k: v for k, v in config.ext_params().items() if k != missing}
+            with pytest.raises(ValueError, match=f"needs parameter '{missing}'"):
+                EXT.validate_matmul_config(config.family, partial)
+
+
+def test_register_tiles_agree_with_the_compiled_kernel():
+    for mr in range(1, 20):
+        for nr in range(1, 80):
+            declared = mr in CPU_TILE_ROWS and nr in CPU_TILE_COLS
+            assert EXT.gemm_register_tile_supported(mr, nr) == declared, (mr, nr)
+
+
+def test_config_names_carry_every_parameter():
+    config = KernelConfig.parse("gemm mc=96 nc=1024 kc=256 mr=6 nr=64 threads=2 split=m", "matmul", "cpu")
+    assert config.name == "gemm_mc96_nc1024_kc256_mr6_nr64_threads2_splitm"
+    assert KernelConfig.parse(config.to_dsl(), "matmul", "cpu") == config
+
+
+def test_domains():
+    gemm = next(f for f in ALL_FAMILIES if f.name == "gemm")
+    assert gemm.param("mr").contains(6) and not gemm.param("mr").contains(7)
+    assert gemm.param("nc").contains(48) and not gemm.param("nc").contains(50)
+    assert not gemm.param("mc").contains(True)  # booleans are not integers here
+    assert gemm.param("split").contains("n") and not gemm.param("split").contains("k")

@@ -1,0 +1,97 @@
+"""kernelevo tune: measurements kept across runs, the written file is the one in force,
+wrong kernels are rejected and never chosen."""
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+
+import kernelevo as ke
+from kernelevo import chips
+from kernelevo.dsl import check, parse
+from kernelevo.features import matmul_features
+from kernelevo.paths import database_path, tuned_heuristics_path
+from kernelevo.tune.db import Database
+from kernelevo.tune.runner import Tuner, TuneSettings
+from kernelevo.tune.workloads import PRESETS, MatmulShape, Workload
+
+LOCAL = chips.detect("cpu")
+FAST = TuneSettings(candidates=3, reps=2, warmup=0)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "kernelevo.cli", *args], capture_output=True,
+                          text=True, env=dict(os.environ), timeout=600)
+
+
+def test_tune_writes_heuristics_that_matmul_then_uses():
+    result = run_cli("tune", "--chip", "auto", "--workload", "tiny", "--candidates", "4", "--reps", "2")
+    assert result.returncode == 0, result.stderr
+    path = tuned_heuristics_path(LOCAL.id)
+    assert path.is_file() and f"wrote {path}" in result.stdout.replace("\n", "")
+    text = path.read_text()
+    assert check(parse(text, str(path)), text, str(path), LOCAL) == []
+
+    explained = run_cli("explain", "matmul", "--shape", "64x128x256", "--dtype", "bf16", "--transpose-b")
+    assert explained.returncode == 0, explained.stderr
+    assert str(path) in explained.stdout.replace("\n", "") and "tuned" in explained.stdout
+
+    # In this process too: the tuned file decides what ke.matmul runs.
+    ke.forget_selections()
+    e = ke.explain_matmul(matmul_features(64, 128, 256, dtype="bf16", transpose_b=True))
+    assert e.source.path == path
+    out = ke.matmul(mx.ones((64, 256), dtype=mx.bfloat16), mx.ones((128, 256), dtype=mx.bfloat16),
+                    transpose_b=True)
+    family, params = ke.ops._ext.config_of(out)
+    assert ke.KernelConfig.make("matmul", "cpu", family, params) == e.selection.config
+
+
+def test_database_keeps_every_measurement_across_runs():
+    workload = Workload("t", "test", (MatmulShape(16, 64, 48, "f32", label="a"),))
+    with Database(database_path()) as db:
+        first = Tuner("cpu", db, FAST).run(workload, write=False)
+        n = len(db.measurements())
+        assert n == FAST.candidates + 2  # candidates + the shipped choice + mx.matmul
+        assert first.shapes[0].measured == FAST.candidates + 1 and first.shapes[0].reused == 0
+        second = Tuner("cpu", db, FAST).run(workload, write=False)
+        assert len(db.measurements()) == n  # nothing measured twice
+        assert second.shapes[0].reused == FAST.candidates + 2 and second.shapes[0].measured == 0
+        runs = db.runs()
+        assert [r.status for r in runs] == ["finished", "finished"]
+        rows = db.measurements(run_id=runs[0].id)
+        assert all(r.status == "ok" and r.median_s > 0 and r.chip == LOCAL.id for r in rows)
+
+
+def test_wrong_results_are_recorded_and_never_chosen(monkeypatch):
+    from kernelevo.tune import runner
+
+    original = runner.ops.matmul
+
+    def broken(a, b, *, config=None, **kw):  # one configuration computes garbage
+        out = original(a, b, config=config, **kw)
+        return out * 1.5 if config is not None and config.get("kc") == 64 else out
+
+    monkeypatch.setattr(runner.ops, "matmul", broken)
+    workload = Workload("t", "test", (MatmulShape(32, 96, 80, "f32"),))
+    settings = TuneSettings(candidates=40, reps=2, warmup=0)
+    with Database(database_path()) as db:
+        result = Tuner("cpu", db, settings).run(workload, write=False)
+        wrong = [m for m in db.measurements() if m.status == "wrong"]
+    assert wrong and all("kc=64" in m.config and "relative error" in m.reason for m in wrong)
+    best = result.shapes[0].best
+    assert best is None or best.get("kc") != 64
+
+
+def test_other_chips_are_refused():
+    result = run_cli("tune", "--chip", "apple-m3-max", "--workload", "tiny")
+    assert result.returncode == 2
+    assert "can only be timed on itself" in result.stderr
+
+
+def test_presets_are_real_layer_shapes():
+    qwen = PRESETS["qwen3-0.6b"]
+    shapes = {(s.M, s.N, s.K) for s in qwen.shapes}
+    assert (1, 2048, 1024) in shapes and (128, 1024, 3072) in shapes  # q_proj, down_proj
+    assert all(s.transpose_b for s in qwen.shapes)
