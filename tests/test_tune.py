@@ -18,7 +18,7 @@ from kernelevo.tune.runner import Tuner, TuneSettings
 from kernelevo.tune.workloads import PRESETS, MatmulShape, Workload
 
 LOCAL = chips.detect("cpu")
-FAST = TuneSettings(candidates=3, reps=2, warmup=0)
+FAST = TuneSettings(candidates=3, reps=2, warmup=0, confirm=1)
 
 
 def run_cli(*args):
@@ -53,11 +53,12 @@ def test_database_keeps_every_measurement_across_runs():
     with Database(database_path()) as db:
         first = Tuner("cpu", db, FAST).run(workload, write=False)
         n = len(db.measurements())
-        assert n == FAST.candidates + 2  # candidates + the shipped choice + mx.matmul
-        assert first.shapes[0].measured == FAST.candidates + 1 and first.shapes[0].reused == 0
+        # the candidates, the shipped choice, mx.matmul, and the confirmation of the best
+        assert n == FAST.candidates + 2 + FAST.confirm
+        assert first.shapes[0].measured == n - 1 and first.shapes[0].reused == 0
         second = Tuner("cpu", db, FAST).run(workload, write=False)
         assert len(db.measurements()) == n  # nothing measured twice
-        assert second.shapes[0].reused == FAST.candidates + 2 and second.shapes[0].measured == 0
+        assert second.shapes[0].reused == n and second.shapes[0].measured == 0
         runs = db.runs()
         assert [r.status for r in runs] == ["finished", "finished"]
         rows = db.measurements(run_id=runs[0].id)

@@ -17,7 +17,7 @@ from ..families import Param, families_for, family
 from ..features import OP_FEATURES, Feature
 from . import ast
 from .errors import Diagnostic
-from .evaluate import FUNCTIONS, EvalError, try_constant
+from .evaluate import FUNCTIONS, EvalError, partial_truth, try_constant
 
 SUPPORTED_VERSION = 1
 INTEGER_FACTS = {"cores", "simd_width", "vector_registers", "threadgroup_memory", "max_threads"}
@@ -168,21 +168,13 @@ class _Checker:
                        ast.Pos(section.pos.end_line, max(1, section.pos.end_column - 1),
                                section.pos.end_line, section.pos.end_column))
 
-    def _chip_value(self, rule, chip, features, lets):
-        try:
-            return try_constant(rule.condition, frozenset(features) | frozenset(lets), chip)
-        except EvalError:
-            return False, None
-
     def _possible(self, rule, chip, features, lets) -> bool:
         if rule.is_else:
             return True
-        known, value = self._chip_value(rule, chip, features, lets)
-        return not (known and value is False)
+        return partial_truth(rule.condition, frozenset(features) | frozenset(lets), chip) is not False
 
     def _certain(self, rule, chip, features, lets) -> bool:
-        known, value = self._chip_value(rule, chip, features, lets)
-        return known and value is True
+        return partial_truth(rule.condition, frozenset(features) | frozenset(lets), chip) is True
 
     def _constant(self, expr, features, lets):
         try:

@@ -335,3 +335,23 @@ def constant_value(expr: ast.Expr, text: str, path: str) -> Value:
                                   path=path, source_line=source_line(text, expr.pos.line))) from None
     except EvalError as err:
         raise err.to_dsl_error(text, path) from None
+
+
+def partial_truth(expr: ast.Expr, names_that_vary: frozenset[str], chip: Chip | None) -> bool | None:
+    """Three-valued: True or False when the condition is decided without the call's
+    features (`chip.simd_width >= 512 and M > 8` is False on a 256-bit chip), else None."""
+    if isinstance(expr, ast.Binary) and expr.op in ("and", "or"):
+        left = partial_truth(expr.left, names_that_vary, chip)
+        right = partial_truth(expr.right, names_that_vary, chip)
+        decisive = expr.op == "or"  # True decides `or`, False decides `and`
+        if decisive in (left, right):
+            return decisive
+        return (not decisive) if left is right is (not decisive) else None
+    if isinstance(expr, ast.Unary) and expr.op == "not":
+        inner = partial_truth(expr.operand, names_that_vary, chip)
+        return None if inner is None else not inner
+    try:
+        known, value = try_constant(expr, names_that_vary, chip)
+    except EvalError:
+        return None
+    return value if known and isinstance(value, bool) else None

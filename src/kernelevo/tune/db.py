@@ -42,6 +42,7 @@ MIGRATIONS: list[str] = [
         op TEXT NOT NULL,
         shape_key TEXT NOT NULL,
         config TEXT NOT NULL,
+        phase TEXT NOT NULL DEFAULT 'search' CHECK (phase IN ('search', 'confirm')),
         status TEXT NOT NULL CHECK (status IN ('ok', 'wrong', 'error', 'timeout', 'crash')),
         reason TEXT,
         error REAL,
@@ -55,7 +56,7 @@ MIGRATIONS: list[str] = [
         ratio REAL
     );
     CREATE INDEX measurement_key
-        ON measurements (chip, backend, template_hash, op, shape_key, config);
+        ON measurements (chip, backend, template_hash, op, shape_key, config, phase);
     """,
 ]
 
@@ -74,6 +75,7 @@ class Measurement:
     op: str
     shape_key: str
     config: str
+    phase: str
     status: str
     reason: str | None
     error: float | None
@@ -169,7 +171,8 @@ class Database:
 
     # -- measurements ----------------------------------------------------------------
     def record(self, *, run_id: int | None, chip: str, backend: str, template_hash: str, op: str,
-               shape_key: str, config: str, status: str, reason: str | None = None,
+               shape_key: str, config: str, status: str, phase: str = "search",
+               reason: str | None = None,
                error: float | None = None, median_s: float | None = None,
                q1_s: float | None = None, q3_s: float | None = None, min_s: float | None = None,
                samples: tuple[float, ...] | None = None, baseline: str | None = None,
@@ -177,21 +180,21 @@ class Database:
         with self._transaction() as conn:
             cursor = conn.execute(
                 "INSERT INTO measurements (run_id, created_at, chip, backend, template_hash, op, "
-                "shape_key, config, status, reason, error, median_s, q1_s, q3_s, min_s, samples, "
-                "baseline, baseline_median_s, ratio) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, time.time(), chip, backend, template_hash, op, shape_key, config, status,
+                "shape_key, config, phase, status, reason, error, median_s, q1_s, q3_s, min_s, "
+                "samples, baseline, baseline_median_s, ratio) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, time.time(), chip, backend, template_hash, op, shape_key, config, phase, status,
                  reason, error, median_s, q1_s, q3_s, min_s,
                  json.dumps(samples) if samples is not None else None,
                  baseline, baseline_median_s, ratio))
             return int(cursor.lastrowid)
 
     def latest(self, *, chip: str, backend: str, template_hash: str, op: str, shape_key: str,
-               config: str) -> Measurement | None:
+               config: str, phase: str = "search") -> Measurement | None:
         row = self._conn.execute(
             "SELECT * FROM measurements WHERE chip = ? AND backend = ? AND template_hash = ? "
-            "AND op = ? AND shape_key = ? AND config = ? ORDER BY id DESC LIMIT 1",
-            (chip, backend, template_hash, op, shape_key, config)).fetchone()
+            "AND op = ? AND shape_key = ? AND config = ? AND phase = ? ORDER BY id DESC LIMIT 1",
+            (chip, backend, template_hash, op, shape_key, config, phase)).fetchone()
         return Measurement(**dict(row)) if row else None
 
     def measurements(self, *, chip: str | None = None, backend: str | None = None,
