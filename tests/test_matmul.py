@@ -7,7 +7,7 @@ import pytest
 
 import kernelevo as ke
 from kernelevo import KernelConfig, chips
-from kernelevo.families import CPU_GEMM, CPU_SKINNY
+from kernelevo.families import CPU_GEMM, CPU_GEMV
 
 from helpers import TOL, f64, operand, relative_error
 
@@ -20,7 +20,7 @@ def cfg(text):
 
 
 # A spread of configurations: edge tiles, small blocks that force many k/n/m blocks,
-# both thread splits, and the skinny family.
+# both thread splits, and the gemv family.
 CONFIGS = [
     cfg(f"gemm mc=6 nc=48 kc=7 mr=6 nr=48 threads={CHIP.cores} split=m"),
     cfg("gemm mc=16 nc=32 kc=16 mr=16 nr=16 threads=1 split=n") if CHIP.vector_registers >= 32
@@ -29,8 +29,8 @@ CONFIGS = [
     else cfg(f"gemm mc=3 nc=64 kc=33 mr=1 nr=16 threads={CHIP.cores} split=n"),
     cfg(f"gemm mc=10 nc=32 kc=100 mr=5 nr=32 threads={CHIP.cores} split=m") if CHIP.vector_registers >= 32
     else cfg(f"gemm mc=10 nc=16 kc=100 mr=5 nr=16 threads={CHIP.cores} split=m"),
-    cfg(f"skinny nb=16 threads={CHIP.cores}"),
-    cfg("skinny nb=48 threads=1"),
+    cfg(f"gemv nb=16 threads={CHIP.cores}"),
+    cfg("gemv nb=48 threads=1"),
 ]
 
 
@@ -48,7 +48,7 @@ def test_default_heuristics_match_numpy(rng, dtype, M, N, K):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("transpose_b", [False, True])
 def test_every_configuration_is_correct(rng, config, dtype, transpose_b):
-    M, N, K = (7, 101, 67) if config.family == "skinny" else (37, 101, 67)
+    M, N, K = (7, 101, 67) if config.family == "gemv" else (37, 101, 67)
     a = operand(rng, (M, K), dtype)
     b = operand(rng, (N, K) if transpose_b else (K, N), dtype)
     out = ke.matmul(a, b, transpose_b=transpose_b, config=config)
@@ -61,7 +61,7 @@ def test_sampled_search_space_is_correct(rng):
     """Random configurations the tuner may try, on odd sizes."""
     import random
 
-    space = [KernelConfig.make("matmul", "cpu", f.name, p) for f in (CPU_GEMM, CPU_SKINNY)
+    space = [KernelConfig.make("matmul", "cpu", f.name, p) for f in (CPU_GEMM, CPU_GEMV)
              for p in f.search_space(CHIP, {"M": 9})]
     for config in random.Random(7).sample(space, 24):
         a, b = operand(rng, (9, 131), "f32"), operand(rng, (131, 77), "f32")
@@ -206,7 +206,7 @@ def test_bad_configurations_are_refused(rng):
     with pytest.raises(ke.ConfigError, match="needs"):
         ke.matmul(a, b, config="gemm mc=8")
     with pytest.raises(ke.ConfigError, match="M <= 64"):
-        ke.matmul(operand(rng, (65, 16), "f32"), b, config="skinny nb=32 threads=1")
+        ke.matmul(operand(rng, (65, 16), "f32"), b, config="gemv nb=32 threads=1")
     with pytest.raises(ke.DSLError, match="1:1"):
         ke.matmul(a, b, config="= 3")
 

@@ -291,15 +291,15 @@ void gemm_typed(const GemmProblem& p, const GemmTiling& t) {
 }
 
 // ---------------------------------------------------------------------------------------
-// skinny: few rows of A, no packing of B. B is streamed once per block of nb columns.
+// gemv: few rows of A, no packing of B. B is streamed once per block of nb columns.
 
-struct SkinnyTiling {
+struct GemvTiling {
   int nb, threads;
 };
 
-SkinnyTiling read_skinny(const KernelConfig& config) {
+GemvTiling read_gemv(const KernelConfig& config) {
   ConfigReader r(config, "CPU matmul kernel");
-  SkinnyTiling t;
+  GemvTiling t;
   t.nb = static_cast<int>(r.integer("nb", 1, 1 << 16));
   t.threads = static_cast<int>(r.integer("threads", 1, 1024));
   r.finish();
@@ -330,7 +330,7 @@ inline vfloat load_row16<bfloat16_t>(const bfloat16_t* p) {
 }
 
 template <typename T>
-void skinny_typed(const GemmProblem& p, const SkinnyTiling& t) {
+void gemv_typed(const GemmProblem& p, const GemvTiling& t) {
   const int64_t M = p.M, N = p.N, K = p.K;
   const int threads = std::max(1, std::min(t.threads, available_cores()));
   thread_local Scratch apanel_buffer;
@@ -424,8 +424,8 @@ bool gemm_register_tile_supported(int mr, int nr) {
 void validate_matmul_config(const KernelConfig& config) {
   if (config.family == "gemm") {
     read_gemm(config);
-  } else if (config.family == "skinny") {
-    read_skinny(config);
+  } else if (config.family == "gemv") {
+    read_gemv(config);
   } else {
     throw std::invalid_argument("the CPU backend has no matmul family '" + config.family +
                                 "'");
@@ -437,9 +437,9 @@ void matmul(const GemmProblem& problem, const KernelConfig& config) {
   if (config.family == "gemm") {
     const GemmTiling tiling = read_gemm(config);
     with_dtype(problem.dtype, [&](auto t) { gemm_typed<decltype(t)>(problem, tiling); });
-  } else if (config.family == "skinny") {
-    const SkinnyTiling tiling = read_skinny(config);
-    with_dtype(problem.dtype, [&](auto t) { skinny_typed<decltype(t)>(problem, tiling); });
+  } else if (config.family == "gemv") {
+    const GemvTiling tiling = read_gemv(config);
+    with_dtype(problem.dtype, [&](auto t) { gemv_typed<decltype(t)>(problem, tiling); });
   } else {
     validate_matmul_config(config);
   }

@@ -3,7 +3,7 @@
 //
 // Two families (their parameters are defined in src/kernelevo/families.py):
 //   gemm    cache-blocked and packed (Goto/BLIS loop order) with an mr x nr register tile
-//   skinny  no packing, for few rows of A (LLM decode): streams B once per column block
+//   gemv  no packing, for few rows of A (LLM decode): streams B once per column block
 #pragma once
 
 #include <cstdint>

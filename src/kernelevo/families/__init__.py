@@ -1,0 +1,30 @@
+"""Kernel families and their parameter spaces: the one definition.
+
+A family is one kernel template (e.g. the CPU `gemm`) with named parameters, each with a
+domain, and constraints between parameters, the chip and the call (schema.py). Each
+backend's families are in their own module; this registry is what the DSL checker, the
+selection code, the tuner's search, docs/dsl.md and the extension's tests read.
+"""
+
+from __future__ import annotations
+
+from .cpu import CPU_FAMILIES, CPU_GEMM, CPU_GEMV, CPU_TILE_COLS, CPU_TILE_ROWS
+from .schema import Call, Constraint, Family, Param, Params, ParamValue
+
+ALL_FAMILIES: tuple[Family, ...] = CPU_FAMILIES
+
+_BY_KEY: dict[tuple[str, str, str], Family] = {(f.op, f.backend, f.name): f for f in ALL_FAMILIES}
+
+
+def family(op: str, backend: str, name: str) -> Family | None:
+    return _BY_KEY.get((op, backend, name))
+
+
+def families_for(op: str, backend: str) -> tuple[Family, ...]:
+    return tuple(f for f in ALL_FAMILIES if f.op == op and f.backend == backend)
+
+
+__all__ = [
+    "ALL_FAMILIES", "CPU_GEMM", "CPU_GEMV", "CPU_TILE_COLS", "CPU_TILE_ROWS", "Call",
+    "Constraint", "Family", "Param", "ParamValue", "Params", "families_for", "family",
+]
