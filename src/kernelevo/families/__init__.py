@@ -8,10 +8,10 @@ selection code, the tuner's search, docs/dsl.md and the extension's tests read.
 
 from __future__ import annotations
 
-from .cpu import CPU_FAMILIES, CPU_GEMM, CPU_GEMV, CPU_TILE_COLS, CPU_TILE_ROWS
+from .cpu_matmul import CPU_MATMUL_FAMILIES, CPU_GEMM, CPU_GEMV, CPU_TILE_COLS, CPU_TILE_ROWS
 from .schema import Call, Constraint, Family, Param, Params, ParamValue
 
-ALL_FAMILIES: tuple[Family, ...] = CPU_FAMILIES
+ALL_FAMILIES: tuple[Family, ...] = CPU_MATMUL_FAMILIES
 
 _BY_KEY: dict[tuple[str, str, str], Family] = {(f.op, f.backend, f.name): f for f in ALL_FAMILIES}
 

@@ -1,4 +1,4 @@
-"""The CPU backend's kernel families (kernels in cpp/matmul/cpu_gemm.cpp)."""
+"""The CPU backend's matmul families (kernels in cpp/matmul/cpu_gemm.cpp)."""
 
 from __future__ import annotations
 
@@ -72,4 +72,4 @@ CPU_GEMV = Family(
 )
 
 
-CPU_FAMILIES: tuple[Family, ...] = (CPU_GEMM, CPU_GEMV)
+CPU_MATMUL_FAMILIES: tuple[Family, ...] = (CPU_GEMM, CPU_GEMV)
