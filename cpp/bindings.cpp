@@ -8,6 +8,8 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
 
+#include "attention/attention.h"
+#include "attention/cpu_attention.h"
 #include "common/errors.h"
 #include "common/threadpool.h"
 #include "matmul/cpu_gemm.h"
@@ -45,6 +47,13 @@ std::optional<ke::KernelConfig> make_config(const std::optional<std::string>& fa
     return std::nullopt;
   }
   return ke::KernelConfig{*family, params};
+}
+
+ke::MaskArg mask_arg(const nb::object& obj) {
+  if (obj.is_none()) return std::monostate{};
+  if (nb::isinstance<nb::str>(obj)) return nb::cast<std::string>(obj);
+  if (nb::isinstance<mx::array>(obj)) return nb::cast<mx::array>(obj);
+  throw std::invalid_argument("[kernelevo.attention] mask must be None, \"causal\" or an mx.array");
 }
 
 }  // namespace
@@ -116,11 +125,73 @@ NB_MODULE(_ext, m) {
         if (auto* p = dynamic_cast<ke::Matmul*>(&x.primitive())) {
           return std::make_pair(p->config().family, p->config().params);
         }
+        if (auto* p = dynamic_cast<ke::Attention*>(&x.primitive())) {
+          return std::make_pair(p->config().family, p->config().params);
+        }
         return std::nullopt;
       },
       "x"_a,
       "The kernel configuration of the kernelevo primitive that produces x (before "
       "evaluation), or None.");
+
+  m.def(
+      "attention",
+      [](const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+         const nb::object& mask, std::optional<float> softcap, std::optional<int64_t> window,
+         const std::optional<std::string>& family, const ke::ParamMap& params,
+         const nb::object& stream) {
+        return ke::attention(q, k, v, scale, mask_arg(mask), softcap, window,
+                             make_config(family, params), stream_or_device(stream));
+      },
+      "q"_a, "k"_a, "v"_a, nb::kw_only(), "scale"_a, "mask"_a = nb::none(),
+      "softcap"_a = nb::none(), "window"_a = nb::none(), "family"_a = nb::none(),
+      "params"_a = ke::ParamMap{}, "stream"_a = nb::none(),
+      "softmax(mask(softcap(scale * q k^T))) v with the given kernel configuration, or the "
+      "registered heuristics' choice when family is None.");
+
+  m.def(
+      "set_attention_selector",
+      [](nb::callable select) {
+        auto* held = new nb::object(std::move(select));  // lives as long as the process
+        ke::set_attention_selector([held](const ke::AttentionCall& call) {
+          nb::gil_scoped_acquire gil;
+          nb::object result = (*held)(call.batch, call.heads, call.kv_heads, call.q_len,
+                                      call.kv_len, call.head_dim, dtype_name(call.dtype),
+                                      ke::mask_name(call.mask), call.softcap, call.window,
+                                      call.device == mx::Device::cpu ? "cpu" : "gpu");
+          auto [family, params] = nb::cast<std::pair<std::string, ke::ParamMap>>(result);
+          return ke::KernelConfig{family, params};
+        });
+      },
+      "select"_a,
+      "Registers select(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, mask, "
+      "softcap, window, device) -> (family, params), used when attention gets no "
+      "configuration.");
+
+  m.def(
+      "describe_attention",
+      [](const mx::array& q, const mx::array& k, const mx::array& v, const nb::object& mask,
+         std::optional<float> softcap, std::optional<int64_t> window) {
+        auto call = ke::describe_attention(q, k, v, mask_arg(mask), softcap, window,
+                                           mx::Device::cpu);
+        return std::make_tuple(call.batch, call.heads, call.kv_heads, call.q_len, call.kv_len,
+                               call.head_dim, std::string(dtype_name(call.dtype)),
+                               std::string(ke::mask_name(call.mask)));
+      },
+      "q"_a, "k"_a, "v"_a, "mask"_a = nb::none(), "softcap"_a = nb::none(),
+      "window"_a = nb::none(),
+      "(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, mask kind) of an attention "
+      "call; ValueError when the inputs do not fit.");
+
+  m.def(
+      "validate_attention_config",
+      [](const std::string& family, const ke::ParamMap& params) {
+        ke::cpu::validate_attention_config(ke::KernelConfig{family, params});
+      },
+      "family"_a, "params"_a,
+      "Raises ValueError unless the CPU attention kernels take exactly this configuration.");
+
+  m.attr("decode_max_queries") = ke::cpu::kDecodeMaxQueries;
 
   m.def("available_cores", &ke::available_cores,
         "Logical cores this process may run on (what the CPU kernels can use).");

@@ -8,10 +8,11 @@ selection code, the tuner's search, docs/dsl.md and the extension's tests read.
 
 from __future__ import annotations
 
+from .cpu_attention import CPU_ATTENTION_FAMILIES, CPU_DECODE, CPU_DECODE_SPLIT, CPU_FLASH
 from .cpu_matmul import CPU_MATMUL_FAMILIES, CPU_GEMM, CPU_GEMV, CPU_TILE_COLS, CPU_TILE_ROWS
 from .schema import Call, Constraint, Family, Param, Params, ParamValue
 
-ALL_FAMILIES: tuple[Family, ...] = CPU_MATMUL_FAMILIES
+ALL_FAMILIES: tuple[Family, ...] = CPU_MATMUL_FAMILIES + CPU_ATTENTION_FAMILIES
 
 _BY_KEY: dict[tuple[str, str, str], Family] = {(f.op, f.backend, f.name): f for f in ALL_FAMILIES}
 
@@ -26,5 +27,6 @@ def families_for(op: str, backend: str) -> tuple[Family, ...]:
 
 __all__ = [
     "ALL_FAMILIES", "CPU_GEMM", "CPU_GEMV", "CPU_TILE_COLS", "CPU_TILE_ROWS", "Call",
+    "CPU_DECODE", "CPU_DECODE_SPLIT", "CPU_FLASH",
     "Constraint", "Family", "Param", "ParamValue", "Params", "families_for", "family",
 ]

@@ -1,0 +1,671 @@
+#include "attention/cpu_attention.h"
+
+#include <algorithm>
+#include <array>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "attention/vec.h"
+#include "common/threadpool.h"
+
+namespace kernelevo::cpu {
+
+namespace {
+
+using namespace vec;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+int64_t cdiv(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+int64_t round_up(int64_t a, int64_t b) {
+  return cdiv(a, b) * b;
+}
+
+// ---------------------------------------------------------------------------------------
+// The register-tiled product both stages of flash attention use:
+//   C[i, 0:NV*16] = (ACC ? C[i, :] * row_scale[i] : 0) + sum_k A(i, k) * B[k, 0:NV*16]
+// with A(i, k) = A[i * ars + k * acs] (any layout: the value is broadcast) and B, C
+// row-major. Scores: A = keys (rows), B = the query tile transposed. Output: A = the
+// probabilities (transposed), B = values, C = the output accumulator rescaled by the
+// online softmax's correction.
+
+template <int MR, int NV, bool ACC>
+void tile_kernel(int K, const float* __restrict A, int64_t ars, int64_t acs,
+                 const float* __restrict B, int64_t ldb, float* __restrict C, int64_t ldc,
+                 const float* __restrict row_scale) {
+  vfloat acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[i][j] = vfloat{};
+  for (int k = 0; k < K; ++k) {
+    vfloat bv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) bv[j] = load(B + k * ldb + j * kLanes);
+    const float* a = A + k * acs;
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const vfloat av = splat(a[i * ars]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[i][j] += av * bv[j];
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      float* dst = C + i * ldc + j * kLanes;
+      if constexpr (ACC) {
+        store(dst, load(dst) * row_scale[i] + acc[i][j]);
+      } else {
+        store(dst, acc[i][j]);
+      }
+    }
+}
+
+// Register tiles: NV vectors of columns by up to max_rows(NV) rows, so that the
+// accumulators, one row of B and a broadcast value fit the register file.
+constexpr int kMaxNV = kRegisters >= 32 ? 4 : 2;
+constexpr int kMaxMR = 16;
+constexpr int max_rows(int nv) {
+  return std::min(kMaxMR, (kRegisters - nv - 1) / nv);
+}
+
+using TileFn = void (*)(int, const float*, int64_t, int64_t, const float*, int64_t, float*,
+                        int64_t, const float*);
+
+template <bool ACC, int NV, size_t... I>
+constexpr std::array<TileFn, kMaxMR> rows_table(std::index_sequence<I...>) {
+  return {{(I + 1 <= static_cast<size_t>(max_rows(NV))
+                ? &tile_kernel<(I + 1 <= static_cast<size_t>(max_rows(NV)) ? I + 1 : 1), NV, ACC>
+                : nullptr)...}};
+}
+
+template <bool ACC, size_t... NV>
+constexpr std::array<std::array<TileFn, kMaxMR>, kMaxNV> tile_table(std::index_sequence<NV...>) {
+  return {{rows_table<ACC, NV + 1>(std::make_index_sequence<kMaxMR>{})...}};
+}
+
+template <bool ACC>
+constexpr auto kTiles = tile_table<ACC>(std::make_index_sequence<kMaxNV>{});
+
+template <bool ACC>
+void small_gemm(int M, int nvec, int K, const float* A, int64_t ars, int64_t acs,
+                const float* B, int64_t ldb, float* C, int64_t ldc, const float* row_scale) {
+  for (int v0 = 0; v0 < nvec; v0 += kMaxNV) {
+    const int nv = std::min(kMaxNV, nvec - v0);
+    const int mr = max_rows(nv);
+    for (int i0 = 0; i0 < M; i0 += mr) {
+      const int m = std::min(mr, M - i0);
+      kTiles<ACC>[nv - 1][m - 1](K, A + i0 * ars, ars, acs, B + v0 * kLanes, ldb,
+                                 C + i0 * ldc + v0 * kLanes, ldc,
+                                 ACC ? row_scale + i0 : nullptr);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// What every kernel shares: which query rows a task handles, which keys each may see.
+
+struct Geometry {
+  int64_t group;    // query heads per key/value head
+  int64_t offset;   // kv_len - q_len: query i aligns with key i + offset
+  bool bounded;     // causal or windowed: keys after the aligned position are excluded
+  int64_t window;   // 0: none
+};
+
+Geometry geometry(const AttentionProblem& p) {
+  return {p.heads / p.kv_heads, p.kv_len - p.q_len, p.causal || p.window > 0, p.window};
+}
+
+// The query rows of one task: rows t in [t0, t1) of a unit of `pack` heads starting at
+// head h0, ordered position-major (t = pos * pack + head - h0).
+struct Rows {
+  int64_t count = 0;
+  std::vector<int64_t> pos, head;
+  std::vector<int32_t> lo, hi;  // the keys row r may see: [lo[r], hi[r])
+  int32_t min_lo = 0, max_lo = 0, min_hi = 0, max_hi = 0;
+
+  void assign(const AttentionProblem& p, const Geometry& g, int64_t h0, int64_t pack,
+              int64_t t0, int64_t t1, int64_t padded) {
+    count = t1 - t0;
+    pos.assign(padded, 0);
+    head.assign(padded, h0);
+    lo.assign(padded, 0);
+    hi.assign(padded, static_cast<int32_t>(p.kv_len));  // padding rows see everything
+    for (int64_t r = 0; r < count; ++r) {
+      const int64_t t = t0 + r;
+      pos[r] = t / pack;
+      head[r] = h0 + t % pack;
+      const int64_t aligned = pos[r] + g.offset;
+      int64_t h = g.bounded ? aligned + 1 : p.kv_len;
+      int64_t l = g.window > 0 ? aligned - g.window + 1 : 0;
+      hi[r] = static_cast<int32_t>(std::clamp<int64_t>(h, 0, p.kv_len));
+      lo[r] = static_cast<int32_t>(std::clamp<int64_t>(l, 0, p.kv_len));
+    }
+    min_lo = *std::min_element(lo.begin(), lo.begin() + count);
+    max_lo = *std::max_element(lo.begin(), lo.begin() + count);
+    min_hi = *std::min_element(hi.begin(), hi.begin() + count);
+    max_hi = *std::max_element(hi.begin(), hi.begin() + count);
+  }
+
+  // Whether some row must not see some key of [j0, j1) (then it is masked per element).
+  bool partial(int64_t j0, int64_t j1) const { return max_lo > j0 || min_hi < j1; }
+};
+
+template <typename T>
+const T* at(const Tensor4& t, int64_t i0, int64_t i1, int64_t i2) {
+  return static_cast<const T*>(t.data) + i0 * t.strides[0] + i1 * t.strides[1] +
+         i2 * t.strides[2];
+}
+
+// The mean of v over all keys: what a fully masked row outputs (see the header).
+template <typename T>
+void mean_of_values(const AttentionProblem& p, int64_t b, int64_t kvh, float* dst) {
+  std::fill(dst, dst + p.v_dim, 0.0f);
+  std::vector<float> row(p.v_dim);
+  for (int64_t j = 0; j < p.kv_len; ++j) {
+    to_f32(at<T>(p.v, b, kvh, j), p.v_dim, row.data());
+    for (int64_t d = 0; d < p.v_dim; ++d) dst[d] += row[d];
+  }
+  const float inv = p.kv_len ? 1.0f / static_cast<float>(p.kv_len) : 0.0f;
+  for (int64_t d = 0; d < p.v_dim; ++d) dst[d] *= inv;
+}
+
+// Writes one output row: o / l, or the fully masked row's value when l == 0.
+template <typename T>
+void write_row(const AttentionProblem& p, int64_t b, int64_t head, int64_t pos,
+               const float* o, float l, const float* masked_row) {
+  T* dst = static_cast<T*>(p.out) + ((b * p.heads + head) * p.q_len + pos) * p.v_dim;
+  if (l > 0.0f) {
+    const float inv = 1.0f / l;
+    for (int64_t d = 0; d < p.v_dim; ++d) dst[d] = T(o[d] * inv);
+  } else {
+    for (int64_t d = 0; d < p.v_dim; ++d) dst[d] = T(masked_row[d]);
+  }
+}
+
+// Finishes rows [0, rows.count) of a task from its accumulators (stride ldo).
+template <typename T>
+void write_rows(const AttentionProblem& p, int64_t b, int64_t kvh, const Rows& rows,
+                const float* o, int64_t ldo, const float* l) {
+  thread_local std::vector<float> masked_row;
+  bool have_masked = false;
+  for (int64_t r = 0; r < rows.count; ++r) {
+    if (!(l[r] > 0.0f) && !have_masked) {
+      masked_row.resize(p.v_dim);
+      mean_of_values<T>(p, b, kvh, masked_row.data());
+      have_masked = true;
+    }
+    write_row<T>(p, b, rows.head[r], rows.pos[r], o + r * ldo, l[r], masked_row.data());
+  }
+}
+
+// Score transforms applied before masking: scale (unless q was scaled) and softcap.
+inline void scale_and_cap(float* s, int64_t n, float scale, float softcap) {
+  if (scale == 1.0f && softcap == 0.0f) return;
+  const vfloat vs = splat(scale);
+  const float inv_cap = softcap != 0.0f ? 1.0f / softcap : 0.0f;
+  for (int64_t i = 0; i < n; i += kLanes) {
+    vfloat x = load(s + i) * vs;
+    if (softcap != 0.0f) x = softcap * vtanh(x * inv_cap);
+    store(s + i, x);
+  }
+}
+
+// Adds an additive mask / applies a boolean mask to score (r, j) = s[r * rs + j * cs].
+template <typename T>
+void apply_mask_array(const AttentionProblem& p, int64_t b, const Rows& rows, int64_t j0,
+                      int64_t n, float* s, int64_t rs, int64_t cs) {
+  const int64_t ms3 = p.mask_values.strides[3];
+  for (int64_t r = 0; r < rows.count; ++r) {
+    float* row = s + r * rs;
+    if (p.mask == MaskKind::boolean) {
+      const bool* m = at<bool>(p.mask_values, b, rows.head[r], rows.pos[r]) + j0 * ms3;
+      for (int64_t j = 0; j < n; ++j)
+        if (!m[j * ms3]) row[j * cs] = kNegInf;
+    } else {
+      const T* m = at<T>(p.mask_values, b, rows.head[r], rows.pos[r]) + j0 * ms3;
+      for (int64_t j = 0; j < n; ++j) row[j * cs] += static_cast<float>(m[j * ms3]);
+    }
+  }
+}
+
+inline vint iota() {
+  return vint{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+}
+
+// One online-softmax step for 16 query rows (lanes) over n scores each, s[j * ld] for
+// key j: updates m and l, turns the scores into probabilities and returns the factor
+// the rows' output accumulators must be multiplied by. Rows that have seen no finite
+// score yet keep m = -inf, l = 0 and get probabilities 0.
+inline vfloat softmax_step(float* s, int64_t ld, int64_t n, vfloat& m, vfloat& l) {
+  vfloat block_max = splat(kNegInf);
+  for (int64_t j = 0; j < n; ++j) block_max = vmax(block_max, load(s + j * ld));
+  const vfloat m_new = vmax(m, block_max);
+  const vint dead = m_new == kNegInf;
+  const vfloat m_safe = select(dead, splat(0.0f), m_new);
+  const vfloat corr = select(dead, splat(1.0f), vexp(m - m_safe));
+  vfloat sum = {};
+  for (int64_t j = 0; j < n; ++j) {
+    const vfloat e = vexp(load(s + j * ld) - m_safe);
+    store(s + j * ld, e);
+    sum += e;
+  }
+  l = l * corr + sum;
+  m = m_new;
+  return corr;
+}
+
+// ---------------------------------------------------------------------------------------
+// flash: a tile of bq query rows against blocks of bk keys. Scores are kept transposed
+// (keys x queries) so that queries are the vector lanes: the softmax over keys is then
+// element-wise across rows of the tile, and f32 keys are read in place.
+
+struct FlashParams {
+  int bq, bk, threads;
+  bool pack_gqa, skip_masked_blocks, scale_q;
+};
+
+FlashParams read_flash(const KernelConfig& config) {
+  ConfigReader r(config, "CPU attention kernel");
+  FlashParams f;
+  f.bq = static_cast<int>(r.integer("bq", 1, 1024));
+  f.bk = static_cast<int>(r.integer("bk", 1, 4096));
+  f.threads = static_cast<int>(r.integer("threads", 1, 1024));
+  f.pack_gqa = r.flag("pack_gqa");
+  f.skip_masked_blocks = r.flag("skip_masked_blocks");
+  f.scale_q = r.choice("scale", {"scores", "q"}) == 1;
+  r.finish();
+  return f;
+}
+
+struct FlashWorkspace {
+  Rows rows;
+  Buffer qt, st, o, k, v, stats;
+};
+
+template <typename T>
+void flash_tile(const AttentionProblem& p, const Geometry& g, const FlashParams& f, int64_t b,
+                int64_t h0, int64_t pack, int64_t t0, int64_t t1, FlashWorkspace& ws) {
+  const int64_t D = p.head_dim, Dv = p.v_dim;
+  const int64_t R = t1 - t0, Rp = round_up(R, kLanes), nq = Rp / kLanes;
+  const int64_t Dvp = round_up(Dv, kLanes);
+  const int64_t kvh = h0 / g.group;
+  Rows& rows = ws.rows;
+  rows.assign(p, g, h0, pack, t0, t1, Rp);
+
+  // The query tile, transposed (D x Rp) and scaled when the scale goes on q.
+  float* qt = ws.qt.get(static_cast<size_t>(std::max<int64_t>(D, 1) * Rp));
+  std::fill(qt, qt + D * Rp, 0.0f);
+  {
+    std::vector<float> row(D);
+    const float s = f.scale_q ? p.scale : 1.0f;
+    for (int64_t r = 0; r < R; ++r) {
+      to_f32(at<T>(p.q, b, rows.head[r], rows.pos[r]), D, row.data());
+      for (int64_t d = 0; d < D; ++d) qt[d * Rp + r] = row[d] * s;
+    }
+  }
+  float* stats = ws.stats.get(static_cast<size_t>(3 * Rp));
+  float *m = stats, *l = stats + Rp, *corr = stats + 2 * Rp;
+  std::fill(m, m + Rp, kNegInf);
+  std::fill(l, l + Rp, 0.0f);
+  float* o = ws.o.get(static_cast<size_t>(Rp * Dvp));
+  std::fill(o, o + Rp * Dvp, 0.0f);
+  float* st = ws.st.get(static_cast<size_t>(f.bk * Rp));
+
+  int64_t k_lo = 0, k_hi = p.kv_len;
+  if (f.skip_masked_blocks) {
+    k_lo = rows.min_lo;
+    k_hi = rows.max_hi;
+  }
+  const float post_scale = f.scale_q ? 1.0f : p.scale;
+  const bool direct_v = std::is_same_v<T, float> && Dv % kLanes == 0;
+
+  for (int64_t j0 = k_lo; j0 < k_hi; j0 += f.bk) {
+    const int64_t n = std::min<int64_t>(f.bk, k_hi - j0);
+    // Keys: read in place when they are f32, else converted once for the block.
+    const float* kp;
+    int64_t k_rs;
+    if constexpr (std::is_same_v<T, float>) {
+      kp = at<float>(p.k, b, kvh, j0);
+      k_rs = p.k.strides[2];
+    } else {
+      float* kb = ws.k.get(static_cast<size_t>(n * std::max<int64_t>(D, 1)));
+      for (int64_t j = 0; j < n; ++j) to_f32(at<T>(p.k, b, kvh, j0 + j), D, kb + j * D);
+      kp = kb;
+      k_rs = D;
+    }
+    small_gemm<false>(static_cast<int>(n), static_cast<int>(nq), static_cast<int>(D), kp, k_rs,
+                      1, qt, Rp, st, Rp, nullptr);
+    scale_and_cap(st, n * Rp, post_scale, p.softcap);
+    if (p.mask != MaskKind::none) apply_mask_array<T>(p, b, rows, j0, n, st, 1, Rp);
+    if (rows.partial(j0, j0 + n)) {
+      for (int64_t v = 0; v < nq; ++v) {
+        vint lo, hi;
+        std::memcpy(&lo, rows.lo.data() + v * kLanes, sizeof(lo));
+        std::memcpy(&hi, rows.hi.data() + v * kLanes, sizeof(hi));
+        for (int64_t j = 0; j < n; ++j) {
+          const vint key = vint{} + static_cast<int32_t>(j0 + j);
+          float* s = st + j * Rp + v * kLanes;
+          store(s, select((key < lo) | (key >= hi), splat(kNegInf), load(s)));
+        }
+      }
+    }
+    for (int64_t v = 0; v < nq; ++v) {
+      vfloat mv = load(m + v * kLanes), lv = load(l + v * kLanes);
+      store(corr + v * kLanes, softmax_step(st + v * kLanes, Rp, n, mv, lv));
+      store(m + v * kLanes, mv);
+      store(l + v * kLanes, lv);
+    }
+    // Values: in place when f32 rows of whole vectors, else converted and zero-padded.
+    const float* vp;
+    int64_t v_rs;
+    if (direct_v) {
+      vp = reinterpret_cast<const float*>(at<T>(p.v, b, kvh, j0));
+      v_rs = p.v.strides[2];
+    } else {
+      float* vb = ws.v.get(static_cast<size_t>(n * Dvp));
+      for (int64_t j = 0; j < n; ++j) {
+        to_f32(at<T>(p.v, b, kvh, j0 + j), Dv, vb + j * Dvp);
+        std::fill(vb + j * Dvp + Dv, vb + (j + 1) * Dvp, 0.0f);
+      }
+      vp = vb;
+      v_rs = Dvp;
+    }
+    small_gemm<true>(static_cast<int>(R), static_cast<int>(Dvp / kLanes), static_cast<int>(n),
+                     st, 1, Rp, vp, v_rs, o, Dvp, corr);
+  }
+  write_rows<T>(p, b, kvh, rows, o, Dvp, l);
+}
+
+template <typename T>
+void flash(const AttentionProblem& p, const FlashParams& f) {
+  const Geometry g = geometry(p);
+  const int64_t pack = f.pack_gqa ? g.group : 1;
+  const int64_t units = p.batch * (p.heads / pack);
+  const int64_t tiles = cdiv(p.q_len * pack, f.bq);
+  const int threads = std::max(1, std::min(f.threads, available_cores()));
+  parallel_for(static_cast<int>(units * tiles), threads, [&](int task, int) {
+    thread_local FlashWorkspace ws;
+    const int64_t unit = task / tiles;
+    const int64_t tile = tiles - 1 - task % tiles;  // last tiles first: under causal masks
+                                                    // they see the most keys
+    const int64_t b = unit / (p.heads / pack), h0 = (unit % (p.heads / pack)) * pack;
+    const int64_t t0 = tile * f.bq, t1 = std::min<int64_t>(p.q_len * pack, t0 + f.bq);
+    flash_tile<T>(p, g, f, b, h0, pack, t0, t1, ws);
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// decode and decode_split: all query rows of a unit (one key/value head's query heads, or
+// one query head) stream a range of keys once. Scores are dot products along the head
+// dimension (rows x keys); the output accumulates key by key from L1.
+
+struct DecodeParams {
+  int bk, blocks, threads;  // blocks: 1 for decode
+  bool pack_gqa;
+};
+
+DecodeParams read_decode(const KernelConfig& config, bool split) {
+  ConfigReader r(config, "CPU attention kernel");
+  DecodeParams d;
+  d.bk = static_cast<int>(r.integer("bk", 1, 4096));
+  d.blocks = split ? static_cast<int>(r.integer("blocks", 2, 4096)) : 1;
+  d.threads = static_cast<int>(r.integer("threads", 1, 1024));
+  d.pack_gqa = r.flag("pack_gqa");
+  r.finish();
+  return d;
+}
+
+struct DecodeWorkspace {
+  Rows rows;
+  Buffer q, s, stats;
+};
+
+constexpr int kDotRows = 8;  // query rows sharing one pass over a key row
+constexpr int kAccRows = 6;  // query rows sharing one pass over a value row
+
+// Runs rows `rows` (of kv head kvh) over keys [k_begin, k_end): leaves the unnormalised
+// output in o (count x ldo), the running max in m and the sum in l.
+template <typename T>
+void decode_range(const AttentionProblem& p, const DecodeParams& dp, int64_t b, int64_t kvh,
+                  const Rows& rows, int64_t k_begin, int64_t k_end, float* o, int64_t ldo,
+                  float* m, float* l, DecodeWorkspace& ws) {
+  const int64_t D = p.head_dim, Dv = p.v_dim, R = rows.count;
+  const int64_t Dp = round_up(D, kLanes), bkp = round_up(dp.bk, kLanes);
+  const int64_t nd = D / kLanes, d_tail = D % kLanes;
+  const int64_t nvv = Dv / kLanes, v_tail = Dv % kLanes;
+
+  float* q = ws.q.get(static_cast<size_t>(R * Dp));
+  for (int64_t r = 0; r < R; ++r) {
+    float* qr = q + r * Dp;
+    to_f32(at<T>(p.q, b, rows.head[r], rows.pos[r]), D, qr);
+    for (int64_t d = 0; d < D; ++d) qr[d] *= p.scale;
+    std::fill(qr + D, qr + Dp, 0.0f);
+  }
+  float* s = ws.s.get(static_cast<size_t>(R * bkp));
+  float* corr = ws.stats.get(static_cast<size_t>(R));
+  for (int64_t r = 0; r < R; ++r) {
+    m[r] = kNegInf;
+    l[r] = 0.0f;
+    std::fill(o + r * ldo, o + r * ldo + Dv, 0.0f);
+  }
+
+  for (int64_t j0 = k_begin; j0 < k_end; j0 += dp.bk) {
+    const int64_t n = std::min<int64_t>(dp.bk, k_end - j0);
+    // Scores: each key row is loaded once per group of kDotRows query rows.
+    for (int64_t j = 0; j < n; ++j) {
+      const T* kr = at<T>(p.k, b, kvh, j0 + j);
+      for (int64_t r0 = 0; r0 < R; r0 += kDotRows) {
+        const int rn = static_cast<int>(std::min<int64_t>(kDotRows, R - r0));
+        vfloat acc[kDotRows] = {};
+        for (int64_t c = 0; c < nd; ++c) {
+          const vfloat kv = load16(kr + c * kLanes);
+          for (int r = 0; r < rn; ++r) acc[r] += kv * load(q + (r0 + r) * Dp + c * kLanes);
+        }
+        if (d_tail) {
+          const vfloat kv = load_partial(kr + nd * kLanes, static_cast<int>(d_tail));
+          for (int r = 0; r < rn; ++r) acc[r] += kv * load(q + (r0 + r) * Dp + nd * kLanes);
+        }
+        for (int r = 0; r < rn; ++r) s[(r0 + r) * bkp + j] = reduce_add(acc[r]);
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      std::fill(s + r * bkp + n, s + (r + 1) * bkp, kNegInf);
+      if (p.softcap != 0.0f) scale_and_cap(s + r * bkp, round_up(n, kLanes), 1.0f, p.softcap);
+    }
+    if (p.mask != MaskKind::none) apply_mask_array<T>(p, b, rows, j0, n, s, bkp, 1);
+    if (rows.partial(j0, j0 + n)) {
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t j = 0; j < n; j += kLanes) {
+          const vint key = iota() + static_cast<int32_t>(j0 + j);
+          float* sr = s + r * bkp + j;
+          store(sr, select((key < rows.lo[r]) | (key >= rows.hi[r]), splat(kNegInf), load(sr)));
+        }
+      }
+    }
+    // Online softmax per row, along the keys.
+    for (int64_t r = 0; r < R; ++r) {
+      float* sr = s + r * bkp;
+      vfloat bm = splat(kNegInf);
+      for (int64_t j = 0; j < n; j += kLanes) bm = vmax(bm, load(sr + j));
+      float block_max = kNegInf;
+      for (int i = 0; i < kLanes; ++i) block_max = std::max(block_max, bm[i]);
+      const float m_new = std::max(m[r], block_max);
+      if (m_new == kNegInf) {  // nothing visible yet
+        corr[r] = 1.0f;
+        std::fill(sr, sr + bkp, 0.0f);
+        continue;
+      }
+      corr[r] = std::exp(m[r] - m_new);
+      vfloat sum = {};
+      for (int64_t j = 0; j < n; j += kLanes) {
+        const vfloat e = vexp(load(sr + j) - m_new);
+        store(sr + j, e);
+        sum += e;
+      }
+      l[r] = l[r] * corr[r] + reduce_add(sum);
+      m[r] = m_new;
+    }
+    // Output: rescale, then add p(r, j) v_j, a group of rows and vectors at a time.
+    for (int64_t c0 = 0; c0 < nvv + (v_tail ? 1 : 0); c0 += kMaxNV) {
+      const int cn = static_cast<int>(std::min<int64_t>(kMaxNV, nvv + (v_tail ? 1 : 0) - c0));
+      const bool tail = v_tail && c0 + cn > nvv;
+      for (int64_t r0 = 0; r0 < R; r0 += kAccRows) {
+        const int rn = static_cast<int>(std::min<int64_t>(kAccRows, R - r0));
+        vfloat acc[kAccRows][kMaxNV];
+        for (int r = 0; r < rn; ++r)
+          for (int c = 0; c < cn; ++c) {
+            const float* src = o + (r0 + r) * ldo + (c0 + c) * kLanes;
+            const bool partial = tail && c == cn - 1;
+            acc[r][c] = (partial ? load_partial(src, static_cast<int>(v_tail)) : load(src)) *
+                        corr[r0 + r];
+          }
+        for (int64_t j = 0; j < n; ++j) {
+          const T* vr = at<T>(p.v, b, kvh, j0 + j) + c0 * kLanes;
+          vfloat vv[kMaxNV];
+          for (int c = 0; c < cn; ++c) {
+            vv[c] = tail && c == cn - 1 ? load_partial(vr + c * kLanes, static_cast<int>(v_tail))
+                                        : load16(vr + c * kLanes);
+          }
+          for (int r = 0; r < rn; ++r) {
+            const vfloat pr = splat(s[(r0 + r) * bkp + j]);
+            for (int c = 0; c < cn; ++c) acc[r][c] += pr * vv[c];
+          }
+        }
+        for (int r = 0; r < rn; ++r)
+          for (int c = 0; c < cn; ++c) {
+            float* dst = o + (r0 + r) * ldo + (c0 + c) * kLanes;
+            if (tail && c == cn - 1) {
+              for (int64_t i = 0; i < v_tail; ++i) dst[i] = acc[r][c][i];
+            } else {
+              store(dst, acc[r][c]);
+            }
+          }
+      }
+    }
+  }
+}
+
+template <typename T>
+void decode(const AttentionProblem& p, const DecodeParams& dp) {
+  const Geometry g = geometry(p);
+  const int64_t pack = dp.pack_gqa ? g.group : 1;
+  const int64_t per_batch = p.heads / pack, units = p.batch * per_batch;
+  const int64_t R = p.q_len * pack, Dvp = round_up(p.v_dim, kLanes);
+  const int threads = std::max(1, std::min(dp.threads, available_cores()));
+  const int64_t blocks = dp.blocks;
+
+  // Split: each (unit, chunk) leaves its partial output, max and sum here.
+  const int64_t part_stride = R * (Dvp + 2);
+  std::vector<float> parts(blocks > 1 ? static_cast<size_t>(units * blocks * part_stride) : 0);
+
+  parallel_for(static_cast<int>(units * blocks), threads, [&](int task, int) {
+    thread_local DecodeWorkspace ws;
+    thread_local Buffer acc;
+    const int64_t unit = task / blocks, chunk = task % blocks;
+    const int64_t b = unit / per_batch, h0 = (unit % per_batch) * pack, kvh = h0 / g.group;
+    ws.rows.assign(p, g, h0, pack, 0, R, R);
+    const int64_t lo = ws.rows.min_lo, hi = ws.rows.max_hi;
+    if (blocks == 1) {
+      float* buf = acc.get(static_cast<size_t>(R * (Dvp + 2)));
+      float *o = buf, *m = buf + R * Dvp, *l = m + R;
+      decode_range<T>(p, dp, b, kvh, ws.rows, lo, hi, o, Dvp, m, l, ws);
+      write_rows<T>(p, b, kvh, ws.rows, o, Dvp, l);
+      return;
+    }
+    // Chunks of whole key blocks; trailing chunks may be empty.
+    const int64_t size = round_up(cdiv(std::max<int64_t>(hi - lo, 0), blocks), dp.bk);
+    const int64_t begin = std::min(hi, lo + chunk * size), end = std::min(hi, begin + size);
+    float* part = parts.data() + (unit * blocks + chunk) * part_stride;
+    decode_range<T>(p, dp, b, kvh, ws.rows, begin, std::max(begin, end), part, Dvp,
+                    part + R * Dvp, part + R * Dvp + R, ws);
+  });
+  if (blocks == 1) return;
+
+  // Merge the chunks' partial softmaxes: rescale each to the common max and add.
+  parallel_for(static_cast<int>(units), threads, [&](int unit, int) {
+    thread_local Rows rows;
+    thread_local Buffer acc;
+    const int64_t b = unit / per_batch, h0 = (unit % per_batch) * pack, kvh = h0 / g.group;
+    rows.assign(p, g, h0, pack, 0, R, R);
+    float* buf = acc.get(static_cast<size_t>(R * (Dvp + 1)));
+    float *o = buf, *l = buf + R * Dvp;
+    for (int64_t r = 0; r < R; ++r) {
+      float big = kNegInf;
+      for (int64_t c = 0; c < blocks; ++c) {
+        big = std::max(big, parts[(unit * blocks + c) * part_stride + R * Dvp + r]);
+      }
+      float* orow = o + r * Dvp;
+      std::fill(orow, orow + p.v_dim, 0.0f);
+      l[r] = 0.0f;
+      if (big == kNegInf) continue;  // fully masked
+      for (int64_t c = 0; c < blocks; ++c) {
+        const float* part = parts.data() + (unit * blocks + c) * part_stride;
+        const float mc = part[R * Dvp + r];
+        if (mc == kNegInf) continue;
+        const float w = std::exp(mc - big);
+        l[r] += part[R * Dvp + R + r] * w;
+        for (int64_t d = 0; d < p.v_dim; ++d) orow[d] += part[r * Dvp + d] * w;
+      }
+    }
+    write_rows<T>(p, b, kvh, rows, o, Dvp, l);
+  });
+}
+
+template <typename Fn>
+void with_dtype(Dtype d, Fn&& fn) {
+  switch (d) {
+    case Dtype::f32: return fn(float{});
+    case Dtype::f16: return fn(float16_t{});
+    case Dtype::bf16: return fn(bfloat16_t{});
+  }
+}
+
+}  // namespace
+
+void validate_attention_config(const KernelConfig& config) {
+  if (config.family == "flash") {
+    read_flash(config);
+  } else if (config.family == "decode") {
+    read_decode(config, false);
+  } else if (config.family == "decode_split") {
+    read_decode(config, true);
+  } else {
+    throw std::invalid_argument("the CPU backend has no attention family '" + config.family +
+                                "'");
+  }
+}
+
+void attention(const AttentionProblem& p, const KernelConfig& config) {
+  validate_attention_config(config);
+  if (p.batch == 0 || p.heads == 0 || p.q_len == 0 || p.v_dim == 0) return;
+  if (p.kv_len == 0) {  // softmax over no keys: MLX outputs zeros
+    with_dtype(p.dtype, [&](auto t) {
+      using T = decltype(t);
+      std::fill_n(static_cast<T*>(p.out), p.batch * p.heads * p.q_len * p.v_dim, T(0.0f));
+    });
+    return;
+  }
+  if (config.family == "flash") {
+    const FlashParams f = read_flash(config);
+    with_dtype(p.dtype, [&](auto t) { flash<decltype(t)>(p, f); });
+  } else {
+    const DecodeParams d = read_decode(config, config.family == "decode_split");
+    if (p.q_len > kDecodeMaxQueries) {
+      throw std::invalid_argument("CPU attention '" + config.family + "' takes at most " +
+                                  std::to_string(kDecodeMaxQueries) + " queries, got " +
+                                  std::to_string(p.q_len));
+    }
+    with_dtype(p.dtype, [&](auto t) { decode<decltype(t)>(p, d); });
+  }
+}
+
+}  // namespace kernelevo::cpu

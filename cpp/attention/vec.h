@@ -1,0 +1,179 @@
+// SIMD helpers for the CPU attention kernels: a 16-lane f32 vector (GCC vector
+// extensions; the build's -march=native maps it onto AVX-512, AVX2 or NEON), loads that
+// convert f16/bf16 to f32, and the exp/tanh the softmax and softcap need.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "mlx/types/half_types.h"
+
+namespace kernelevo::cpu::vec {
+
+using mlx::core::bfloat16_t;
+using mlx::core::float16_t;
+
+constexpr int kLanes = 16;
+typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// How many vfloat values fit the register file (register tiles are sized from this).
+#if defined(__AVX512F__)
+constexpr int kRegisters = 32;  // 32 zmm
+#else
+constexpr int kRegisters = 8;  // 16 ymm (AVX2) or 32 q registers (NEON), 2 or 4 per vfloat
+#endif
+
+inline vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store(float* p, vfloat v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+inline vfloat splat(float x) {
+  return vfloat{} + x;
+}
+
+// 16 consecutive values of any supported element type, as f32.
+inline vfloat load16(const float* p) {
+  return load(p);
+}
+inline vfloat load16(const bfloat16_t* p) {
+  typedef uint16_t u16v __attribute__((vector_size(kLanes * 2)));
+  u16v h;
+  std::memcpy(&h, p, sizeof(h));
+  vint w = __builtin_convertvector(h, vint) << 16;  // bf16 is the top half of an f32
+  vfloat f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+inline vfloat load16(const float16_t* p) {
+#if defined(__AVX512F__)
+  __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  vfloat v;
+  std::memcpy(&v, &f, sizeof(v));
+  return v;
+#elif defined(__F16C__)
+  __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  alignas(64) float tmp[kLanes];
+  _mm256_store_ps(tmp, lo);
+  _mm256_store_ps(tmp + 8, hi);
+  return load(tmp);
+#else
+  alignas(64) float tmp[kLanes];
+  for (int i = 0; i < kLanes; ++i) tmp[i] = static_cast<float>(p[i]);
+  return load(tmp);
+#endif
+}
+
+// The first n (< 16) values, the rest zero: never reads past p[n - 1].
+template <typename T>
+inline vfloat load_partial(const T* p, int n) {
+  alignas(64) float tmp[kLanes] = {};
+  for (int i = 0; i < n; ++i) tmp[i] = static_cast<float>(p[i]);
+  return load(tmp);
+}
+
+// Converts n values to f32 (dst may hold more; only n are written).
+template <typename T>
+inline void to_f32(const T* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store(dst + i, load16(src + i));
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline float reduce_add(vfloat v) {
+#if defined(__AVX512F__)
+  __m512 x;
+  std::memcpy(&x, &v, sizeof(x));
+  return _mm512_reduce_add_ps(x);
+#else
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+#endif
+}
+
+inline vfloat vmax(vfloat a, vfloat b) {
+  return a > b ? a : b;
+}
+
+inline vfloat select(vint mask, vfloat a, vfloat b) {
+  return mask ? a : b;
+}
+
+// exp(x) to within ~2 ulp for x in f32's range: 2^n * p(f) after Cody-Waite reduction.
+// exp(-inf) and anything below the smallest normal give 0; +inf is not expected (scores
+// are finite or -inf).
+inline vfloat vexp(vfloat x) {
+  const vfloat lo = splat(-87.33654f), hi = splat(88.0f);
+  const vint underflow = x < lo;
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  const vfloat magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  vfloat t = x * 1.44269504088896341f + magic;
+  vfloat n = t - magic;
+  vint ni;
+  std::memcpy(&ni, &t, sizeof(ni));
+  ni -= 0x4B400000;  // the bits of `magic`: what is left is n
+  vfloat f = x - n * 0.693359375f;
+  f = f - n * -2.12194440e-4f;
+  // exp(f) for |f| <= ln2/2 (Taylor/minimax coefficients)
+  vfloat p = splat(1.9875691500e-4f);
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  p = p * (f * f) + f + 1.0f;
+  vint bits = (ni + 127) << 23;
+  vfloat scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  vfloat r = p * scale;
+  vint rb;
+  std::memcpy(&rb, &r, sizeof(rb));
+  rb &= ~underflow;
+  std::memcpy(&r, &rb, sizeof(r));
+  return r;
+}
+
+// tanh(x) = sign(x) (1 - 2 / (exp(2|x|) + 1)); absolute error ~1e-7.
+inline vfloat vtanh(vfloat x) {
+  vfloat a = x < 0.0f ? -x : x;
+  a = a > 9.0f ? splat(9.0f) : a;  // tanh(9) is 1 in f32
+  vfloat t = 1.0f - 2.0f / (vexp(2.0f * a) + 1.0f);
+  return x < 0.0f ? -t : t;
+}
+
+// Growable, 64-byte aligned scratch memory, reused across calls (one per thread and use).
+struct Buffer {
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::unique_ptr<float, Free> data;
+  size_t capacity = 0;
+
+  float* get(size_t floats) {
+    if (floats > capacity) {
+      size_t bytes = ((std::max<size_t>(floats, 1) * sizeof(float) + 63) / 64) * 64;
+      data.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+      if (!data) throw std::bad_alloc();
+      capacity = floats;
+    }
+    return data.get();
+  }
+};
+
+}  // namespace kernelevo::cpu::vec
