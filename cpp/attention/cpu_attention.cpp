@@ -29,21 +29,24 @@ int64_t round_up(int64_t a, int64_t b) {
 
 // ---------------------------------------------------------------------------------------
 // The register-tiled product both stages of flash attention use:
-//   C[i, 0:NV*16] = (ACC ? C[i, :] * row_scale[i] : 0) + sum_k A(i, k) * B[k, 0:NV*16]
+//   C[i, 0:NV*16] = (ACC ? C[i, :] * col_scale : 0) + sum_k A(i, k) * B[k, 0:NV*16]
 // with A(i, k) = A[i * ars + k * acs] (any layout: the value is broadcast) and B, C
-// row-major. Scores: A = keys (rows), B = the query tile transposed. Output: A = the
-// probabilities (transposed), B = values, C = the output accumulator rescaled by the
-// online softmax's correction.
+// row-major. Both stages keep queries as the columns (vector lanes):
+//   scores^T (keys x queries)  = keys (A, rows read in place)  x q^T tile (B)
+//   out^T (v_dim x queries)   += values^T (A, rows read in place) x probabilities^T (B),
+// the output first rescaled per query by the online softmax's correction (col_scale).
+// B and C are then small contiguous tiles, and A is read in place with any row stride.
 
 template <int MR, int NV, bool ACC>
 void tile_kernel(int K, const float* __restrict A, int64_t ars, int64_t acs,
                  const float* __restrict B, int64_t ldb, float* __restrict C, int64_t ldc,
-                 const float* __restrict row_scale) {
+                 const float* __restrict col_scale) {
   vfloat acc[MR][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) acc[i][j] = vfloat{};
+#pragma GCC unroll 2
   for (int k = 0; k < K; ++k) {
     vfloat bv[NV];
 #pragma GCC unroll 4
@@ -56,13 +59,18 @@ void tile_kernel(int K, const float* __restrict A, int64_t ars, int64_t acs,
       for (int j = 0; j < NV; ++j) acc[i][j] += av * bv[j];
     }
   }
+  vfloat scale[NV];
+  if constexpr (ACC) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) scale[j] = load(col_scale + j * kLanes);
+  }
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) {
       float* dst = C + i * ldc + j * kLanes;
       if constexpr (ACC) {
-        store(dst, load(dst) * row_scale[i] + acc[i][j]);
+        store(dst, load(dst) * scale[j] + acc[i][j]);
       } else {
         store(dst, acc[i][j]);
       }
@@ -97,7 +105,7 @@ constexpr auto kTiles = tile_table<ACC>(std::make_index_sequence<kMaxNV>{});
 
 template <bool ACC>
 void small_gemm(int M, int nvec, int K, const float* A, int64_t ars, int64_t acs,
-                const float* B, int64_t ldb, float* C, int64_t ldc, const float* row_scale) {
+                const float* B, int64_t ldb, float* C, int64_t ldc, const float* col_scale) {
   for (int v0 = 0; v0 < nvec; v0 += kMaxNV) {
     const int nv = std::min(kMaxNV, nvec - v0);
     const int mr = max_rows(nv);
@@ -105,7 +113,7 @@ void small_gemm(int M, int nvec, int K, const float* A, int64_t ars, int64_t acs
       const int m = std::min(mr, M - i0);
       kTiles<ACC>[nv - 1][m - 1](K, A + i0 * ars, ars, acs, B + v0 * kLanes, ldb,
                                  C + i0 * ldc + v0 * kLanes, ldc,
-                                 ACC ? row_scale + i0 : nullptr);
+                                 ACC ? col_scale + v0 * kLanes : nullptr);
     }
   }
 }
@@ -178,23 +186,24 @@ void mean_of_values(const AttentionProblem& p, int64_t b, int64_t kvh, float* ds
   for (int64_t d = 0; d < p.v_dim; ++d) dst[d] *= inv;
 }
 
-// Writes one output row: o / l, or the fully masked row's value when l == 0.
+// Writes one output row: o[d * stride] / l, or the fully masked row's value when l == 0.
 template <typename T>
 void write_row(const AttentionProblem& p, int64_t b, int64_t head, int64_t pos,
-               const float* o, float l, const float* masked_row) {
+               const float* o, int64_t stride, float l, const float* masked_row) {
   T* dst = static_cast<T*>(p.out) + ((b * p.heads + head) * p.q_len + pos) * p.v_dim;
   if (l > 0.0f) {
     const float inv = 1.0f / l;
-    for (int64_t d = 0; d < p.v_dim; ++d) dst[d] = T(o[d] * inv);
+    for (int64_t d = 0; d < p.v_dim; ++d) dst[d] = T(o[d * stride] * inv);
   } else {
     for (int64_t d = 0; d < p.v_dim; ++d) dst[d] = T(masked_row[d]);
   }
 }
 
-// Finishes rows [0, rows.count) of a task from its accumulators (stride ldo).
+// Finishes rows [0, rows.count) of a task from its accumulators: row r's value d at
+// o[r * row_stride + d * col_stride].
 template <typename T>
 void write_rows(const AttentionProblem& p, int64_t b, int64_t kvh, const Rows& rows,
-                const float* o, int64_t ldo, const float* l) {
+                const float* o, int64_t row_stride, int64_t col_stride, const float* l) {
   thread_local std::vector<float> masked_row;
   bool have_masked = false;
   for (int64_t r = 0; r < rows.count; ++r) {
@@ -203,7 +212,8 @@ void write_rows(const AttentionProblem& p, int64_t b, int64_t kvh, const Rows& r
       mean_of_values<T>(p, b, kvh, masked_row.data());
       have_masked = true;
     }
-    write_row<T>(p, b, rows.head[r], rows.pos[r], o + r * ldo, l[r], masked_row.data());
+    write_row<T>(p, b, rows.head[r], rows.pos[r], o + r * row_stride, col_stride, l[r],
+                 masked_row.data());
   }
 }
 
@@ -288,7 +298,7 @@ FlashParams read_flash(const KernelConfig& config) {
 
 struct FlashWorkspace {
   Rows rows;
-  Buffer qt, st, o, k, v, stats;
+  Buffer qt, st, o, k, v, stats;  // q^T, scores^T, out^T, converted k and v, m/l/corr
 };
 
 template <typename T>
@@ -296,7 +306,6 @@ void flash_tile(const AttentionProblem& p, const Geometry& g, const FlashParams&
                 int64_t h0, int64_t pack, int64_t t0, int64_t t1, FlashWorkspace& ws) {
   const int64_t D = p.head_dim, Dv = p.v_dim;
   const int64_t R = t1 - t0, Rp = round_up(R, kLanes), nq = Rp / kLanes;
-  const int64_t Dvp = round_up(Dv, kLanes);
   const int64_t kvh = h0 / g.group;
   Rows& rows = ws.rows;
   rows.assign(p, g, h0, pack, t0, t1, Rp);
@@ -316,8 +325,8 @@ void flash_tile(const AttentionProblem& p, const Geometry& g, const FlashParams&
   float *m = stats, *l = stats + Rp, *corr = stats + 2 * Rp;
   std::fill(m, m + Rp, kNegInf);
   std::fill(l, l + Rp, 0.0f);
-  float* o = ws.o.get(static_cast<size_t>(Rp * Dvp));
-  std::fill(o, o + Rp * Dvp, 0.0f);
+  float* o = ws.o.get(static_cast<size_t>(Dv * Rp));  // transposed: v_dim x queries
+  std::fill(o, o + Dv * Rp, 0.0f);
   float* st = ws.st.get(static_cast<size_t>(f.bk * Rp));
 
   int64_t k_lo = 0, k_hi = p.kv_len;
@@ -326,7 +335,6 @@ void flash_tile(const AttentionProblem& p, const Geometry& g, const FlashParams&
     k_hi = rows.max_hi;
   }
   const float post_scale = f.scale_q ? 1.0f : p.scale;
-  const bool direct_v = std::is_same_v<T, float> && Dv % kLanes == 0;
 
   for (int64_t j0 = k_lo; j0 < k_hi; j0 += f.bk) {
     const int64_t n = std::min<int64_t>(f.bk, k_hi - j0);
@@ -364,25 +372,22 @@ void flash_tile(const AttentionProblem& p, const Geometry& g, const FlashParams&
       store(m + v * kLanes, mv);
       store(l + v * kLanes, lv);
     }
-    // Values: in place when f32 rows of whole vectors, else converted and zero-padded.
+    // Values: read in place when f32, else converted once for the block.
     const float* vp;
     int64_t v_rs;
-    if (direct_v) {
-      vp = reinterpret_cast<const float*>(at<T>(p.v, b, kvh, j0));
+    if constexpr (std::is_same_v<T, float>) {
+      vp = at<float>(p.v, b, kvh, j0);
       v_rs = p.v.strides[2];
     } else {
-      float* vb = ws.v.get(static_cast<size_t>(n * Dvp));
-      for (int64_t j = 0; j < n; ++j) {
-        to_f32(at<T>(p.v, b, kvh, j0 + j), Dv, vb + j * Dvp);
-        std::fill(vb + j * Dvp + Dv, vb + (j + 1) * Dvp, 0.0f);
-      }
+      float* vb = ws.v.get(static_cast<size_t>(n * std::max<int64_t>(Dv, 1)));
+      for (int64_t j = 0; j < n; ++j) to_f32(at<T>(p.v, b, kvh, j0 + j), Dv, vb + j * Dv);
       vp = vb;
-      v_rs = Dvp;
+      v_rs = Dv;
     }
-    small_gemm<true>(static_cast<int>(R), static_cast<int>(Dvp / kLanes), static_cast<int>(n),
-                     st, 1, Rp, vp, v_rs, o, Dvp, corr);
+    small_gemm<true>(static_cast<int>(Dv), static_cast<int>(nq), static_cast<int>(n), vp, 1,
+                     v_rs, st, Rp, o, Rp, corr);
   }
-  write_rows<T>(p, b, kvh, rows, o, Dvp, l);
+  write_rows<T>(p, b, kvh, rows, o, 1, Rp, l);
 }
 
 template <typename T>
@@ -426,22 +431,102 @@ DecodeParams read_decode(const KernelConfig& config, bool split) {
 
 struct DecodeWorkspace {
   Rows rows;
-  Buffer q, s, stats;
+  Buffer q, s, stats, k, v;  // scaled queries, scores, corrections, converted k and v
 };
 
-constexpr int kDotRows = 8;  // query rows sharing one pass over a key row
-constexpr int kAccRows = 6;  // query rows sharing one pass over a value row
+// Scores of one query row against 16 keys (rows of k, stride k_rs, d_chunks vectors each):
+// products along the head dimension, then the 16 sums reduced together.
+inline vfloat dot16(const float* q, const float* k, int64_t k_rs, int64_t d_chunks) {
+  vfloat acc[kLanes] = {};
+  for (int64_t c = 0; c < d_chunks; ++c) {
+    const vfloat qv = load(q + c * kLanes);
+#pragma GCC unroll 16
+    for (int j = 0; j < kLanes; ++j) acc[j] += load(k + j * k_rs + c * kLanes) * qv;
+  }
+  return reduce_add16(acc);
+}
+
+inline float dot1(const float* q, const float* k, int64_t d_chunks) {
+  vfloat acc = {};
+  for (int64_t c = 0; c < d_chunks; ++c) acc += load(k + c * kLanes) * load(q + c * kLanes);
+  return reduce_add(acc);
+}
+
+// o[r, 0:CN*16] = o[r, :] * corr[r] + sum_j p[r, j] v[j, 0:CN*16] for RN rows: the
+// accumulators stay in registers while the block's values stream past.
+template <int RN, int CN>
+void decode_accumulate(int64_t n, const float* __restrict p, int64_t ldp,
+                       const float* __restrict v, int64_t v_rs, float* __restrict o,
+                       int64_t ldo, const float* __restrict corr) {
+  vfloat acc[RN][CN];
+#pragma GCC unroll 8
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < CN; ++c) acc[r][c] = load(o + r * ldo + c * kLanes) * corr[r];
+  for (int64_t j = 0; j < n; ++j) {
+    vfloat vv[CN];
+#pragma GCC unroll 4
+    for (int c = 0; c < CN; ++c) vv[c] = load(v + j * v_rs + c * kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < RN; ++r) {
+      const vfloat pr = splat(p[r * ldp + j]);
+#pragma GCC unroll 4
+      for (int c = 0; c < CN; ++c) acc[r][c] += pr * vv[c];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < CN; ++c) store(o + r * ldo + c * kLanes, acc[r][c]);
+}
+
+constexpr int kAccRows = kRegisters >= 32 ? 6 : 2;  // rows sharing one pass over values
+
+using AccumulateFn = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*,
+                              int64_t, const float*);
+
+template <int CN, size_t... R>
+constexpr std::array<AccumulateFn, kAccRows> accumulate_rows(std::index_sequence<R...>) {
+  return {{&decode_accumulate<static_cast<int>(R) + 1, CN>...}};
+}
+template <size_t... C>
+constexpr std::array<std::array<AccumulateFn, kAccRows>, kMaxNV> accumulate_table(
+    std::index_sequence<C...>) {
+  return {{accumulate_rows<static_cast<int>(C) + 1>(std::make_index_sequence<kAccRows>{})...}};
+}
+constexpr auto kAccumulate = accumulate_table(std::make_index_sequence<kMaxNV>{});
+
+// Rows of a key or value block as f32 rows of whole vectors: in place when the input is
+// f32 and rows are whole vectors, else converted (zero-padded) into `scratch`.
+template <typename T>
+const float* f32_rows(const Tensor4& t, int64_t b, int64_t h, int64_t j0, int64_t n,
+                      int64_t dim, Buffer& scratch, int64_t& row_stride) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (dim % kLanes == 0) {
+      row_stride = t.strides[2];
+      return at<float>(t, b, h, j0);
+    }
+  }
+  const int64_t padded = round_up(std::max<int64_t>(dim, 1), kLanes);
+  float* out = scratch.get(static_cast<size_t>(n * padded));
+  for (int64_t j = 0; j < n; ++j) {
+    to_f32(at<T>(t, b, h, j0 + j), dim, out + j * padded);
+    std::fill(out + j * padded + dim, out + (j + 1) * padded, 0.0f);
+  }
+  row_stride = padded;
+  return out;
+}
 
 // Runs rows `rows` (of kv head kvh) over keys [k_begin, k_end): leaves the unnormalised
-// output in o (count x ldo), the running max in m and the sum in l.
+// output in o (count x ldo, ldo >= v_dim rounded up to whole vectors), the running max in
+// m and the sum in l.
 template <typename T>
 void decode_range(const AttentionProblem& p, const DecodeParams& dp, int64_t b, int64_t kvh,
                   const Rows& rows, int64_t k_begin, int64_t k_end, float* o, int64_t ldo,
                   float* m, float* l, DecodeWorkspace& ws) {
   const int64_t D = p.head_dim, Dv = p.v_dim, R = rows.count;
-  const int64_t Dp = round_up(D, kLanes), bkp = round_up(dp.bk, kLanes);
-  const int64_t nd = D / kLanes, d_tail = D % kLanes;
-  const int64_t nvv = Dv / kLanes, v_tail = Dv % kLanes;
+  const int64_t Dp = round_up(std::max<int64_t>(D, 1), kLanes), bkp = round_up(dp.bk, kLanes);
+  const int64_t d_chunks = Dp / kLanes, v_chunks = round_up(Dv, kLanes) / kLanes;
 
   float* q = ws.q.get(static_cast<size_t>(R * Dp));
   for (int64_t r = 0; r < R; ++r) {
@@ -455,31 +540,21 @@ void decode_range(const AttentionProblem& p, const DecodeParams& dp, int64_t b, 
   for (int64_t r = 0; r < R; ++r) {
     m[r] = kNegInf;
     l[r] = 0.0f;
-    std::fill(o + r * ldo, o + r * ldo + Dv, 0.0f);
+    std::fill(o + r * ldo, o + (r + 1) * ldo, 0.0f);
   }
 
   for (int64_t j0 = k_begin; j0 < k_end; j0 += dp.bk) {
     const int64_t n = std::min<int64_t>(dp.bk, k_end - j0);
-    // Scores: each key row is loaded once per group of kDotRows query rows.
-    for (int64_t j = 0; j < n; ++j) {
-      const T* kr = at<T>(p.k, b, kvh, j0 + j);
-      for (int64_t r0 = 0; r0 < R; r0 += kDotRows) {
-        const int rn = static_cast<int>(std::min<int64_t>(kDotRows, R - r0));
-        vfloat acc[kDotRows] = {};
-        for (int64_t c = 0; c < nd; ++c) {
-          const vfloat kv = load16(kr + c * kLanes);
-          for (int r = 0; r < rn; ++r) acc[r] += kv * load(q + (r0 + r) * Dp + c * kLanes);
-        }
-        if (d_tail) {
-          const vfloat kv = load_partial(kr + nd * kLanes, static_cast<int>(d_tail));
-          for (int r = 0; r < rn; ++r) acc[r] += kv * load(q + (r0 + r) * Dp + nd * kLanes);
-        }
-        for (int r = 0; r < rn; ++r) s[(r0 + r) * bkp + j] = reduce_add(acc[r]);
-      }
-    }
+    int64_t k_rs, v_rs;
+    const float* kb = f32_rows<T>(p.k, b, kvh, j0, n, D, ws.k, k_rs);
+    // Scores, 16 keys at a time per row (the block stays in L1 across rows).
     for (int64_t r = 0; r < R; ++r) {
-      std::fill(s + r * bkp + n, s + (r + 1) * bkp, kNegInf);
-      if (p.softcap != 0.0f) scale_and_cap(s + r * bkp, round_up(n, kLanes), 1.0f, p.softcap);
+      float* sr = s + r * bkp;
+      int64_t j = 0;
+      for (; j + kLanes <= n; j += kLanes) store(sr + j, dot16(q + r * Dp, kb + j * k_rs, k_rs, d_chunks));
+      for (; j < n; ++j) sr[j] = dot1(q + r * Dp, kb + j * k_rs, d_chunks);
+      if (p.softcap != 0.0f) scale_and_cap(sr, round_up(n, kLanes), 1.0f, p.softcap);
+      std::fill(sr + n, sr + bkp, kNegInf);
     }
     if (p.mask != MaskKind::none) apply_mask_array<T>(p, b, rows, j0, n, s, bkp, 1);
     if (rows.partial(j0, j0 + n)) {
@@ -515,40 +590,13 @@ void decode_range(const AttentionProblem& p, const DecodeParams& dp, int64_t b, 
       m[r] = m_new;
     }
     // Output: rescale, then add p(r, j) v_j, a group of rows and vectors at a time.
-    for (int64_t c0 = 0; c0 < nvv + (v_tail ? 1 : 0); c0 += kMaxNV) {
-      const int cn = static_cast<int>(std::min<int64_t>(kMaxNV, nvv + (v_tail ? 1 : 0) - c0));
-      const bool tail = v_tail && c0 + cn > nvv;
+    const float* vb = f32_rows<T>(p.v, b, kvh, j0, n, Dv, ws.v, v_rs);
+    for (int64_t c0 = 0; c0 < v_chunks; c0 += kMaxNV) {
+      const int cn = static_cast<int>(std::min<int64_t>(kMaxNV, v_chunks - c0));
       for (int64_t r0 = 0; r0 < R; r0 += kAccRows) {
         const int rn = static_cast<int>(std::min<int64_t>(kAccRows, R - r0));
-        vfloat acc[kAccRows][kMaxNV];
-        for (int r = 0; r < rn; ++r)
-          for (int c = 0; c < cn; ++c) {
-            const float* src = o + (r0 + r) * ldo + (c0 + c) * kLanes;
-            const bool partial = tail && c == cn - 1;
-            acc[r][c] = (partial ? load_partial(src, static_cast<int>(v_tail)) : load(src)) *
-                        corr[r0 + r];
-          }
-        for (int64_t j = 0; j < n; ++j) {
-          const T* vr = at<T>(p.v, b, kvh, j0 + j) + c0 * kLanes;
-          vfloat vv[kMaxNV];
-          for (int c = 0; c < cn; ++c) {
-            vv[c] = tail && c == cn - 1 ? load_partial(vr + c * kLanes, static_cast<int>(v_tail))
-                                        : load16(vr + c * kLanes);
-          }
-          for (int r = 0; r < rn; ++r) {
-            const vfloat pr = splat(s[(r0 + r) * bkp + j]);
-            for (int c = 0; c < cn; ++c) acc[r][c] += pr * vv[c];
-          }
-        }
-        for (int r = 0; r < rn; ++r)
-          for (int c = 0; c < cn; ++c) {
-            float* dst = o + (r0 + r) * ldo + (c0 + c) * kLanes;
-            if (tail && c == cn - 1) {
-              for (int64_t i = 0; i < v_tail; ++i) dst[i] = acc[r][c][i];
-            } else {
-              store(dst, acc[r][c]);
-            }
-          }
+        kAccumulate[cn - 1][rn - 1](n, s + r0 * bkp, bkp, vb + c0 * kLanes, v_rs,
+                                    o + r0 * ldo + c0 * kLanes, ldo, corr + r0);
       }
     }
   }
@@ -578,7 +626,7 @@ void decode(const AttentionProblem& p, const DecodeParams& dp) {
       float* buf = acc.get(static_cast<size_t>(R * (Dvp + 2)));
       float *o = buf, *m = buf + R * Dvp, *l = m + R;
       decode_range<T>(p, dp, b, kvh, ws.rows, lo, hi, o, Dvp, m, l, ws);
-      write_rows<T>(p, b, kvh, ws.rows, o, Dvp, l);
+      write_rows<T>(p, b, kvh, ws.rows, o, Dvp, 1, l);
       return;
     }
     // Chunks of whole key blocks; trailing chunks may be empty.
@@ -616,7 +664,7 @@ void decode(const AttentionProblem& p, const DecodeParams& dp) {
         for (int64_t d = 0; d < p.v_dim; ++d) orow[d] += part[r * Dvp + d] * w;
       }
     }
-    write_rows<T>(p, b, kvh, rows, o, Dvp, l);
+    write_rows<T>(p, b, kvh, rows, o, Dvp, 1, l);
   });
 }
 

@@ -41,8 +41,10 @@ inline vfloat load(const float* p) {
 inline void store(float* p, vfloat v) {
   std::memcpy(p, &v, sizeof(v));
 }
+// A broadcast (not `vfloat{} + x`: adding 0 is not a no-op for -0.0, so the compiler
+// must emit an add before the broadcast).
 inline vfloat splat(float x) {
-  return vfloat{} + x;
+  return vfloat{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
 }
 
 // 16 consecutive values of any supported element type, as f32.
@@ -50,13 +52,22 @@ inline vfloat load16(const float* p) {
   return load(p);
 }
 inline vfloat load16(const bfloat16_t* p) {
-  typedef uint16_t u16v __attribute__((vector_size(kLanes * 2)));
-  u16v h;
-  std::memcpy(&h, p, sizeof(h));
-  vint w = __builtin_convertvector(h, vint) << 16;  // bf16 is the top half of an f32
+#if defined(__AVX512F__)
+  // bf16 is the top half of an f32: widen and shift.
+  __m512i w = _mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
   vfloat f;
   std::memcpy(&f, &w, sizeof(f));
   return f;
+#else
+  typedef uint16_t u16v __attribute__((vector_size(kLanes * 2)));
+  u16v h;
+  std::memcpy(&h, p, sizeof(h));
+  vint w = __builtin_convertvector(h, vint) << 16;
+  vfloat f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+#endif
 }
 inline vfloat load16(const float16_t* p) {
 #if defined(__AVX512F__)
@@ -103,6 +114,40 @@ inline float reduce_add(vfloat v) {
   float s = 0.0f;
   for (int i = 0; i < kLanes; ++i) s += v[i];
   return s;
+#endif
+}
+
+// r[j] = sum of the lanes of a[j], for 16 vectors at once (a transpose-and-add tree:
+// about 3 instructions per sum instead of 8 for one reduction at a time).
+inline vfloat reduce_add16(const vfloat* a) {
+#if defined(__AVX512F__)
+  __m512 x[16];
+  std::memcpy(x, a, sizeof(x));
+  __m512 h[8], q[4], e[2];
+  // pairs (2j, 2j+1): per 128-bit lane [a0+a2, b0+b2, a1+a3, b1+b3]
+  for (int j = 0; j < 8; ++j) {
+    h[j] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * j], x[2 * j + 1]),
+                         _mm512_unpackhi_ps(x[2 * j], x[2 * j + 1]));
+  }
+  // quads: per 128-bit lane one partial sum of each of 4 vectors
+  for (int j = 0; j < 4; ++j) {
+    q[j] = _mm512_add_ps(_mm512_shuffle_ps(h[2 * j], h[2 * j + 1], 0x44),
+                         _mm512_shuffle_ps(h[2 * j], h[2 * j + 1], 0xEE));
+  }
+  // across 128-bit lanes: first halve the 4 partials of each quad, then finish
+  for (int j = 0; j < 2; ++j) {
+    e[j] = _mm512_add_ps(_mm512_shuffle_f32x4(q[2 * j], q[2 * j + 1], 0x88),
+                         _mm512_shuffle_f32x4(q[2 * j], q[2 * j + 1], 0xDD));
+  }
+  __m512 r = _mm512_add_ps(_mm512_shuffle_f32x4(e[0], e[1], 0x88),
+                           _mm512_shuffle_f32x4(e[0], e[1], 0xDD));
+  vfloat out;
+  std::memcpy(&out, &r, sizeof(out));
+  return out;
+#else
+  vfloat out;
+  for (int j = 0; j < kLanes; ++j) out[j] = reduce_add(a[j]);
+  return out;
 #endif
 }
 
