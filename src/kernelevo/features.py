@@ -77,3 +77,21 @@ def matmul_features(M: int, N: int, K: int, *, batch: int = 1, dtype: str = "f32
     return {"M": int(M), "N": int(N), "K": int(K), "batch": int(batch), "dtype": dtype,
             "transpose_a": bool(transpose_a), "transpose_b": bool(transpose_b),
             "epilogue": epilogue}
+
+
+def attention_features(*, batch: int, heads: int, kv_heads: int, q_len: int, kv_len: int,
+                       head_dim: int, dtype: str = "f16", mask: str = "none",
+                       softcap: float = 0.0, window: int = 0) -> dict:
+    """An attention call's features, in the order of ATTENTION_FEATURES. mask is none,
+    causal, bool or additive; softcap and window are 0 when off."""
+    dtype = DTYPE_SYMBOL.get(dtype, dtype)
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    if mask not in ("none", "causal", "bool", "additive"):
+        raise ValueError(f"unknown mask kind {mask!r}; expected none, causal, bool or additive")
+    if kv_heads <= 0 or heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    return {"batch": int(batch), "heads": int(heads), "kv_heads": int(kv_heads),
+            "gqa": int(heads) // int(kv_heads), "q_len": int(q_len), "kv_len": int(kv_len),
+            "head_dim": int(head_dim), "dtype": dtype, "causal": mask == "causal", "mask": mask,
+            "softcap": float(softcap), "window": int(window)}
