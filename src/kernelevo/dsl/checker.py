@@ -335,8 +335,8 @@ class _Checker:
         if isinstance(expr, ast.Unary):
             t = self.value_type(expr.operand, features, lets)
             if expr.op == "not":
-                return self.expect(t, "bool", "'not'", expr.operand) and BOOL
-            return self.expect(t, "num", "'-'", expr.operand) and t
+                return BOOL if self.expect(t, "bool", "'not'", expr.operand) else ANY
+            return t if self.expect(t, "num", "'-'", expr.operand) else ANY
         if isinstance(expr, ast.Binary):
             a = self.value_type(expr.left, features, lets)
             b = self.value_type(expr.right, features, lets)
