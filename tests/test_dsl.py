@@ -252,7 +252,7 @@ def test_parameter_types():
     d = only(program("  when M > 1 { gemv nb=16 threads=dtype }\n" + ELSE))
     assert "threads takes an integer; this is a symbol" in d.message
     d = only(program("  else { gemm mc=48 nc=512 kc=256 mr=6 nr=32 threads=1 split=3 }"))
-    assert (d.line, d.column) == (4, 63) and "split takes one of m, n; this is an integer" in d.message
+    assert (d.line, d.column) == (4, 62) and "split takes one of m, n; this is an integer" in d.message
 
 
 def test_unknown_chip_fact_and_object():
