@@ -302,3 +302,13 @@ def test_rendered_diagnostic_format():
     assert lines[0].startswith("t.kevo:4:8: error: unknown name 'Mm'")
     assert lines[1] == "      when Mm > 1 { gemv nb=16 threads=1 }"
     assert lines[2] == "    " + " " * 7 + "^^"
+
+
+def test_reference_docs_are_generated_from_the_schema():
+    from pathlib import Path
+
+    from kernelevo.dsl.reference import render
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "dsl.md"
+    text = doc.read_text()
+    assert render(text) == text, "docs/dsl.md is stale: python -m kernelevo.dsl.reference docs/dsl.md"

@@ -262,6 +262,27 @@ def nvidia_from_device_info(device_name: str, architecture: str,
                 notes=() if table else (f"no fact table entry for {device_name!r}",))
 
 
+def from_id(chip_id: str) -> Chip:
+    """A GPU chip from its id alone (Apple and NVIDIA ids in the fact tables), for looking
+    at what the heuristics would choose there; timing still needs the chip itself."""
+    for arch_gen, generation in APPLE_GENERATIONS.items():
+        for letter, variant in APPLE_CLASSES.items():
+            if letter != "p" and chip_id == f"apple-{generation}" + (f"-{variant}" if variant else ""):
+                name = f"Apple {generation.upper()}" + (f" {variant.title()}" if variant else "")
+                return apple_from_device_info(f"applegpu_{arch_gen}{letter}", name)
+    if chip_id in NVIDIA_TABLE:
+        arch = _NVIDIA_ARCH.get(chip_id, "sm_90")
+        return nvidia_from_device_info(chip_id.replace("nvidia-", "NVIDIA ").upper(), arch)
+    known = sorted(list(APPLE_TABLE) + list(NVIDIA_TABLE))
+    raise ValueError(f"unknown chip id {chip_id!r}; known GPU ids: {', '.join(known)} "
+                     f"(`kernelevo chips` prints this machine's)")
+
+
+_NVIDIA_ARCH = {"nvidia-a100": "sm_80", "nvidia-a100-pcie": "sm_80", "nvidia-a10": "sm_86",
+                "nvidia-rtx-3090": "sm_86", "nvidia-l40s": "sm_89", "nvidia-l4": "sm_89",
+                "nvidia-rtx-4090": "sm_89", "nvidia-b200": "sm_100", "nvidia-gb200": "sm_100"}
+
+
 # --------------------------------------------------------------------------------------
 # The local machine
 
