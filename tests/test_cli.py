@@ -54,7 +54,7 @@ def test_explain_matmul_here_and_attention_on_a_named_chip():
                  "--kv-heads", "8", "--chip", "apple-m3-pro")
     assert result.returncode == 0, result.stderr
     assert "apple-pro.kevo" in result.stdout
-    assert "config   decode_split blocks=64 pack_gqa=yes" in result.stdout
+    assert "config   decode_split blocks=64 pack_gqa=yes scale_at=q" in result.stdout
 
 
 def test_explain_errors_are_clear():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .gpu_common import builtin, itemsize, memory_fit, threads_fit
+from .gpu_common import SCALE_AT, builtin, itemsize, memory_fit, threads_fit
 from .schema import Constraint, Family, Param
 
 
@@ -29,6 +29,7 @@ CUDA_FLASH = Family(
         Param("stages", "int", "K/V tiles in flight", allowed=(1, 2)),
         Param("skip_masked_blocks", "bool", "skip key blocks the causal or window mask removes "
               "entirely (no: compute and mask them)"),
+        SCALE_AT,
     ),
     constraints=(
         Constraint("bq % (16 * warps) == 0", lambda p, chip, call: p["bq"] % (16 * p["warps"]) == 0),
@@ -44,7 +45,7 @@ CUDA_DECODE = Family(
     doc="Single-pass decode attention: the warps of one block split the keys and merge their "
         "partial softmaxes in shared memory.",
     params=(Param("warps", "int", "warps splitting the keys", allowed=(1, 2, 4, 8, 16, 32)),
-            _pack_gqa),
+            _pack_gqa, SCALE_AT),
     constraints=(threads_fit(lambda p: 32 * p["warps"], "32 * warps threads"), *_decode_calls),
 )
 
@@ -57,6 +58,7 @@ CUDA_DECODE_SPLIT = Family(
               search=(8, 16, 32, 64, 128, 256)),
         Param("warps", "int", "warps per block", allowed=(1, 2, 4, 8)),
         _pack_gqa,
+        SCALE_AT,
     ),
     constraints=(threads_fit(lambda p: 32 * p["warps"], "32 * warps threads"), *_decode_calls),
 )

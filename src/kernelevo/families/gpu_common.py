@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .schema import Constraint, Family
+from .schema import Constraint, Family, Param
 
 ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
 
@@ -33,3 +33,8 @@ def builtin(op: str, backend: str) -> Family:
     return Family(op=op, backend=backend, name="mlx", params=(),
                   doc=f"Run MLX's own kernel ({what}): the choice that is never slower than "
                       f"stock MLX, for calls where no kernelevo kernel is known to be faster.")
+
+
+SCALE_AT = Param("scale_at", "choice", "multiply the queries by the softmax scale as they are "
+                 "loaded (q: once per query element) or every score (scores: no rounding of "
+                 "scaled low-precision queries)", choices=("q", "scores"))

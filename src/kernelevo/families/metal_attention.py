@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .gpu_common import builtin, itemsize, memory_fit, threads_fit
+from .gpu_common import SCALE_AT, builtin, itemsize, memory_fit, threads_fit
 from .schema import Constraint, Family, Param
 
 HEAD_DIMS = (64, 72, 80, 96, 128, 192, 256)
@@ -39,6 +39,7 @@ METAL_FLASH = Family(
         Param("wn", "int", "simdgroups along the head dimension", allowed=(1, 2)),
         Param("skip_masked_blocks", "bool", "skip key blocks that the causal or window mask "
               "removes entirely (no: compute and mask them)"),
+        SCALE_AT,
     ),
     constraints=(
         Constraint("bq % (8 * wm) == 0", lambda p, chip, call: p["bq"] % (8 * p["wm"]) == 0),
@@ -56,6 +57,7 @@ METAL_DECODE = Family(
     params=(
         Param("simdgroups", "int", "simdgroups splitting the keys", allowed=(1, 2, 4, 8, 16, 32)),
         _pack_gqa,
+        SCALE_AT,
     ),
     constraints=(threads_fit(lambda p: 32 * p["simdgroups"], "32 * simdgroups threads"),
                  *_decode_calls),
@@ -69,6 +71,7 @@ METAL_DECODE_SPLIT = Family(
         Param("blocks", "int", "slices of the key sequence", lo=32, hi=1024, multiple_of=32,
               search=(32, 64, 128, 256, 512, 1024)),
         _pack_gqa,
+        SCALE_AT,
     ),
     constraints=_decode_calls,
 )
