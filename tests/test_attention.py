@@ -9,7 +9,7 @@ import pytest
 
 import kernelevo as ke
 from kernelevo import KernelConfig, chips
-from kernelevo.ops.attention import call_features
+from kernelevo.ops.attention_op import call_features
 
 from helpers import MX, TOL, f64, operand, relative_error
 
@@ -26,10 +26,10 @@ def cfg(text):
 # layouts (packed heads or one head per task), both scale placements, masked blocks
 # visited or skipped, and one or all cores.
 CONFIGS = [
-    cfg(f"flash bq=16 bk=7 threads={CORES} pack_gqa=yes skip_masked_blocks=yes scale=q"),
-    cfg("flash bq=32 bk=24 threads=1 pack_gqa=no skip_masked_blocks=no scale=scores"),
-    cfg(f"flash bq=64 bk=96 threads={CORES} pack_gqa=yes skip_masked_blocks=no scale=scores"),
-    cfg(f"flash bq=48 bk=1 threads={CORES} pack_gqa=no skip_masked_blocks=yes scale=q"),
+    cfg(f"flash bq=16 bk=7 threads={CORES} pack_gqa=yes skip_masked_blocks=yes scale_at=q"),
+    cfg("flash bq=32 bk=24 threads=1 pack_gqa=no skip_masked_blocks=no scale_at=scores"),
+    cfg(f"flash bq=64 bk=96 threads={CORES} pack_gqa=yes skip_masked_blocks=no scale_at=scores"),
+    cfg(f"flash bq=48 bk=1 threads={CORES} pack_gqa=no skip_masked_blocks=yes scale_at=q"),
     cfg(f"decode bk=16 threads={CORES} pack_gqa=yes"),
     cfg("decode bk=5 threads=1 pack_gqa=no"),
     cfg(f"decode_split bk=8 blocks=3 threads={CORES} pack_gqa=yes"),
@@ -321,7 +321,7 @@ def test_bad_configurations_are_value_errors():
         ke.attention(q, k, k, scale=1.0, config="decode bk=16 threads=1 pack_gqa=yes")
     with pytest.raises(ValueError, match="no parameter"):
         ke.attention(q, k, k, scale=1.0, config="flash bq=16 bk=8 threads=1 pack_gqa=yes "
-                                                 "skip_masked_blocks=yes scale=q extra=1")
+                                                 "skip_masked_blocks=yes scale_at=q extra=1")
     with pytest.raises(ValueError, match="at most 16 queries"):  # the extension checks too
         ke.ops._ext.attention(q, k, k, scale=1.0, family="decode",
                               params={"bk": 16, "threads": 1, "pack_gqa": 1})

@@ -19,7 +19,14 @@ from test_attention import inputs, reference
 
 EXT = ke.ops._ext
 CHIP = chips.detect("cpu")
-DECODE_CALL = attention_features(1, 8, 2, 1, 300, 64, dtype="bf16")
+
+
+def call(heads, kv_heads, q_len, kv_len, head_dim, batch=1, **more):
+    return attention_features(batch=batch, heads=heads, kv_heads=kv_heads, q_len=q_len,
+                              kv_len=kv_len, head_dim=head_dim, **more)
+
+
+DECODE_CALL = call(8, 2, 1, 300, 64, dtype="bf16")
 
 
 def test_the_cpu_backend_has_the_three_families():
@@ -47,7 +54,7 @@ def test_sampled_search_space_is_correct(rng, family):
     Lq = 3 if family.name != "flash" else 45
     q, k, v = inputs(rng, "bf16", 1, 6, 2, Lq, 71, 48)
     expected = reference(q, k, v, 0.15, "causal")
-    space = list(family.search_space(CHIP, attention_features(1, 6, 2, Lq, 71, 48)))
+    space = list(family.search_space(CHIP, call(6, 2, Lq, 71, 48)))
     for params in random.Random(3).sample(space, min(12, len(space))):
         config = KernelConfig.make("attention", "cpu", family.name, params)
         out = ke.attention(q, k, v, scale=0.15, mask="causal", config=config)
@@ -61,7 +68,7 @@ def test_decode_query_limit_agrees_with_the_extension():
 def test_domains():
     flash = CPU_ATTENTION_FAMILIES[0]
     assert flash.param("bq").contains(48) and not flash.param("bq").contains(40)
-    assert flash.param("scale").contains("q") and not flash.param("scale").contains("k")
+    assert flash.param("scale_at").contains("q") and not flash.param("scale_at").contains("k")
     assert flash.param("pack_gqa").contains(True) and not flash.param("pack_gqa").contains(1)
     split = CPU_ATTENTION_FAMILIES[2]
     assert not split.param("blocks").contains(1)  # one block is the decode family
@@ -77,25 +84,25 @@ def test_rules_select_attention_configurations():
         "  when q_len <= 16 and kv_len >= 4096 { decode_split bk=64 blocks=clamp(kv_len / 2048, 2, 16) "
         "threads=chip.cores pack_gqa=yes }\n"
         "  when q_len <= 16 { decode bk=32 threads=1 pack_gqa=gqa > 1 }\n"
-        "  else { flash bq=64 bk=96 threads=chip.cores pack_gqa=yes skip_masked_blocks=causal scale=q }")
-    long = program.select("attention", attention_features(1, 32, 8, 1, 32768, 128))
+        "  else { flash bq=64 bk=96 threads=chip.cores pack_gqa=yes skip_masked_blocks=causal scale_at=q }")
+    long = program.select("attention", call(32, 8, 1, 32768, 128))
     assert long.config.to_dsl() == (f"decode_split bk=64 blocks=16 threads={CHIP.cores} pack_gqa=yes")
-    short = program.select("attention", attention_features(1, 4, 4, 2, 100, 64))
+    short = program.select("attention", call(4, 4, 2, 100, 64))
     assert short.config.get("pack_gqa") is False
-    prefill = program.select("attention", attention_features(2, 8, 8, 512, 512, 64, mask="causal"))
+    prefill = program.select("attention", call(8, 8, 512, 512, 64, batch=2, mask="causal"))
     assert prefill.config.family == "flash" and prefill.config.get("skip_masked_blocks") is True
 
 
 def test_a_rule_that_chooses_decode_for_many_queries_is_an_error():
     program = _program("  else { decode bk=32 threads=1 pack_gqa=yes }")
-    program.select("attention", attention_features(1, 4, 4, 16, 100, 64))
+    program.select("attention", call(4, 4, 16, 100, 64))
     with pytest.raises(DSLError, match="q_len <= 16"):
-        program.select("attention", attention_features(1, 4, 4, 17, 100, 64))
+        program.select("attention", call(4, 4, 17, 100, 64))
 
 
 def test_checker_rejects_unknown_attention_parameters():
     with pytest.raises(DSLError, match="flash has no parameter 'wm'"):
         _program("  else { flash bq=64 bk=96 wm=4 threads=1 pack_gqa=yes "
-                 "skip_masked_blocks=yes scale=q }")
+                 "skip_masked_blocks=yes scale_at=q }")
     with pytest.raises(DSLError, match="bq=40 is not"):
-        _program("  else { flash bq=40 bk=96 threads=1 pack_gqa=yes skip_masked_blocks=yes scale=q }")
+        _program("  else { flash bq=40 bk=96 threads=1 pack_gqa=yes skip_masked_blocks=yes scale_at=q }")

@@ -227,3 +227,115 @@ def test_parse_config():
         ("gemm", {"mc": 96, "nc": 1024, "split": "m", "flag": True})
     with pytest.raises(DSLError, match="given twice"):
         parse_config("gemm mc=1 mc=2")
+
+
+# -- every remaining diagnostic kind, with its position ------------------------------------
+
+def test_duplicate_section():
+    found = diagnostics(program(ELSE) + "matmul {\n" + ELSE + "\n}\n")
+    assert [(d.line, d.column) for d in found] == [(6, 1)] and "second 'matmul' section" in found[0].message
+
+
+def test_missing_target():
+    d = only("kevo 1\nmatmul {\n" + ELSE + "\n}\n")
+    assert (d.line, d.column) == (1, 1) and "missing `target" in d.message
+
+
+def test_parameter_given_twice():
+    d = only(program("  else { gemv nb=16 nb=32 threads=1 }"))
+    assert (d.line, d.column) == (4, 21) and "'nb' is given twice" in d.message
+
+
+def test_parameter_types():
+    d = only(program("  when M > 1 { gemv nb=yes threads=1 }\n" + ELSE))
+    assert (d.line, d.column) == (4, 24) and "nb takes an integer; this is true/false" in d.message
+    d = only(program("  when M > 1 { gemv nb=16 threads=dtype }\n" + ELSE))
+    assert "threads takes an integer; this is a symbol" in d.message
+    d = only(program("  else { gemm mc=48 nc=512 kc=256 mr=6 nr=32 threads=1 split=3 }"))
+    assert (d.line, d.column) == (4, 62) and "split takes one of m, n; this is an integer" in d.message
+
+
+def test_unknown_chip_fact_and_object():
+    d = only(program("  when chip.corez > 1 { gemv nb=16 threads=1 }\n" + ELSE))
+    assert (d.line, d.column) == (4, 8) and "unknown chip fact 'corez'" in d.message and "'cores'" in d.message
+    d = only(program("  when host.cores > 1 { gemv nb=16 threads=1 }\n" + ELSE))
+    assert "unknown object 'host'" in d.message
+
+
+def test_function_arity():
+    d = only(program("  when clamp(M, 1) > 1 { gemv nb=16 threads=1 }\n" + ELSE))
+    assert (d.line, d.column) == (4, 8) and "clamp takes 3 arguments, got 2" in d.message
+
+
+def test_shift_needs_integers_and_if_branches_agree():
+    d = only(program("  when M << 1.5 > 1 { gemv nb=16 threads=1 }\n" + ELSE))
+    assert "'<<' needs integers" in d.message
+    d = only(program("  when (1 if M > 2 else yes) { gemv nb=16 threads=1 }\n" + ELSE))
+    assert "both branches of 'if' must have one type" in d.message
+
+
+def test_cannot_compare_different_kinds():
+    d = only(program("  when transpose_b == 3 { gemv nb=16 threads=1 }\n" + ELSE))
+    assert (d.line, d.column) == (4, 8) and "cannot compare true/false with an integer" in d.message
+
+
+def test_structural_hints():
+    d = only("kevo 1\ntarget cpu\nwhen M > 1 { gemv nb=16 threads=1 }\n")
+    assert d.line == 3 and "inside a section" in d.message
+    d = only("target cpu\nmatmul {\n" + ELSE + "\n}\n")
+    assert d.line == 1 and "kevo 1" in d.message
+    d = only("kevo 1\ntarget cpu\nmatmul {\n  when M > 1 gemv nb=16 threads=1 }\n}\n")
+    assert d.line == 4 and "when <condition> {" in d.message
+
+
+def test_shift_out_of_range_at_selection():
+    text = program("  when M << K > 1 { gemv nb=16 threads=1 }\n" + ELSE)
+    compiled = CompiledProgram(parse(text), text, "t.kevo", AVX512)
+    with pytest.raises(DSLError, match="shift by 70 is out of range") as info:
+        compiled.select("matmul", matmul_features(1, 8, 70))
+    assert info.value.first.line == 4
+
+
+def test_rendered_diagnostic_format():
+    d = only(program("  when Mm > 1 { gemv nb=16 threads=1 }\n" + ELSE))
+    lines = d.render().splitlines()
+    assert lines[0].startswith("t.kevo:4:8: error: unknown name 'Mm'")
+    assert lines[1] == "      when Mm > 1 { gemv nb=16 threads=1 }"
+    assert lines[2] == "    " + " " * 7 + "^^"
+
+
+def test_reference_docs_are_generated_from_the_schema():
+    from pathlib import Path
+
+    from kernelevo.dsl.reference import render
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "dsl.md"
+    text = doc.read_text()
+    assert render(text) == text, "docs/dsl.md is stale: python -m kernelevo.dsl.reference docs/dsl.md"
+
+
+def test_documented_examples_are_valid():
+    """The complete programs in docs/dsl.md and README.md check clean; each fragment in the
+    worked examples checks clean inside a section of its own."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for doc in (root / "docs" / "dsl.md", root / "README.md"):
+        blocks = re.findall(r"```\n(.*?)```", doc.read_text(), flags=re.S)
+        for block in blocks:
+            if block.startswith("# ") or block.startswith("kevo"):
+                assert check(parse(block), block, str(doc)) == [], block
+    fragments = [b for b in re.findall(r"```\n(.*?)```", (root / "docs" / "dsl.md").read_text(), flags=re.S)
+                 if b.lstrip().startswith("when")]
+    chip = Chip(id="apple-m3-max", backend="metal", name="M3 Max", vendor="apple", cores=40,
+                simd_width=32, threadgroup_memory=32768, max_threads=1024, generation=3)
+    for fragment in fragments:
+        op = "attention" if "decode" in fragment or "flash" in fragment else "matmul"
+        backend = "cpu" if "gemm mc=" in fragment else "metal"
+        else_rule = ("  else { gemv nb=16 threads=1 }" if backend == "cpu" else
+                     "  else { mlx }")
+        chips_line = "chips cpu-avx512-*\n" if backend == "cpu" else ""
+        text = f"kevo 1\ntarget {backend}\n{chips_line}\n{op} {{\n{fragment}{else_rule}\n}}\n"
+        found = check(parse(text), text, "fragment", None if backend == "cpu" else chip)
+        assert found == [], [d.render() for d in found]

@@ -291,7 +291,7 @@ FlashParams read_flash(const KernelConfig& config) {
   f.threads = static_cast<int>(r.integer("threads", 1, 1024));
   f.pack_gqa = r.flag("pack_gqa");
   f.skip_masked_blocks = r.flag("skip_masked_blocks");
-  f.scale_q = r.choice("scale", {"scores", "q"}) == 1;
+  f.scale_q = r.choice("scale_at", {"q", "scores"}) == 0;
   r.finish();
   return f;
 }

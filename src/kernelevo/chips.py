@@ -36,6 +36,7 @@ class Chip:
     threadgroup_memory: int = 0  # GPU: bytes of threadgroup/shared memory per group
     max_threads: int = 0  # GPU: threads per threadgroup/block
     peak_f32_gflops: float = 0.0  # nominal (0: unknown)
+    generation: int = 0  # Apple: M generation (3 for M3); NVIDIA: compute capability x10; CPU: 0
     isa: tuple[str, ...] = ()  # CPU instruction-set features, GPU architecture
     known: bool = True  # False when the chip was not recognised and facts are guesses
     notes: tuple[str, ...] = field(default=(), compare=False)
@@ -61,6 +62,8 @@ FACTS: tuple[Fact, ...] = (
     Fact("threadgroup_memory", "threadgroup_memory", "GPU: bytes of threadgroup/shared memory per group"),
     Fact("max_threads", "max_threads", "GPU: threads per threadgroup/block"),
     Fact("peak_gflops", "peak_f32_gflops", "nominal f32 throughput in GFLOP/s"),
+    Fact("generation", "generation", "Apple: the M generation (1 for M1, 3 for M3); NVIDIA: "
+         "compute capability times ten (90 for Hopper); CPU: 0"),
 )
 FACT_NAMES: tuple[str, ...] = tuple(f.name for f in FACTS)
 
@@ -213,7 +216,7 @@ def apple_from_device_info(architecture: str, device_name: str = "",
     return Chip(id=chip_id, backend="metal", name=device_name or chip_id, vendor="apple",
                 cores=cores, memory_gb=round(memory_size / 1e9, 1), bandwidth_gbs=bandwidth,
                 simd_width=32, threadgroup_memory=32768, max_threads=1024,
-                peak_f32_gflops=gflops, isa=(architecture,))
+                peak_f32_gflops=gflops, generation=int(generation[1:]), isa=(architecture,))
 
 
 # --------------------------------------------------------------------------------------
@@ -254,9 +257,30 @@ def nvidia_from_device_info(device_name: str, architecture: str,
     return Chip(id=chip_id, backend="cuda", name=device_name, vendor="nvidia",
                 cores=sms, memory_gb=round(total_memory / 1e9, 1), bandwidth_gbs=bandwidth,
                 simd_width=32, threadgroup_memory=_SHARED_MEMORY.get(cc, 48 * 1024),
-                max_threads=1024, peak_f32_gflops=gflops, isa=(architecture,),
-                known=table is not None,
+                max_threads=1024, peak_f32_gflops=gflops, generation=cc[0] * 10 + cc[1],
+                isa=(architecture,), known=table is not None,
                 notes=() if table else (f"no fact table entry for {device_name!r}",))
+
+
+def from_id(chip_id: str) -> Chip:
+    """A GPU chip from its id alone (Apple and NVIDIA ids in the fact tables), for looking
+    at what the heuristics would choose there; timing still needs the chip itself."""
+    for arch_gen, generation in APPLE_GENERATIONS.items():
+        for letter, variant in APPLE_CLASSES.items():
+            if letter != "p" and chip_id == f"apple-{generation}" + (f"-{variant}" if variant else ""):
+                name = f"Apple {generation.upper()}" + (f" {variant.title()}" if variant else "")
+                return apple_from_device_info(f"applegpu_{arch_gen}{letter}", name)
+    if chip_id in NVIDIA_TABLE:
+        arch = _NVIDIA_ARCH.get(chip_id, "sm_90")
+        return nvidia_from_device_info(chip_id.replace("nvidia-", "NVIDIA ").upper(), arch)
+    known = sorted(list(APPLE_TABLE) + list(NVIDIA_TABLE))
+    raise ValueError(f"unknown chip id {chip_id!r}; known GPU ids: {', '.join(known)} "
+                     f"(`kernelevo chips` prints this machine's)")
+
+
+_NVIDIA_ARCH = {"nvidia-a100": "sm_80", "nvidia-a100-pcie": "sm_80", "nvidia-a10": "sm_86",
+                "nvidia-rtx-3090": "sm_86", "nvidia-l40s": "sm_89", "nvidia-l4": "sm_89",
+                "nvidia-rtx-4090": "sm_89", "nvidia-b200": "sm_100", "nvidia-gb200": "sm_100"}
 
 
 # --------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ err = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 1):
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=False)
+    print(f"error: {message}", file=sys.stderr)
     raise typer.Exit(code)
 
 
@@ -53,36 +53,57 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
 
 
 @app.command()
-def explain(op: str = typer.Argument(..., help="matmul"),
-            shape: str = typer.Option(..., help="MxNxK: the product is M x N, contracted over K"),
+def explain(op: str = typer.Argument(..., help="matmul or attention"),
+            shape: Optional[str] = typer.Option(None, help="matmul: MxNxK (the product is M x N, contracted over K)"),
             dtype: str = typer.Option("f32", help="f32, f16 or bf16"),
-            batch: int = typer.Option(1, help="number of independent products"),
+            batch: int = typer.Option(1, help="matmul: independent products; attention: batch size"),
             transpose_a: bool = typer.Option(False, "--transpose-a"),
-            transpose_b: bool = typer.Option(False, "--transpose-b", help="b is stored [N, K] (a linear layer's weight)"),
-            backend: str = typer.Option("cpu", help="cpu (metal and cuda once their kernels exist)")):
+            transpose_b: bool = typer.Option(False, "--transpose-b", help="matmul: b is stored [N, K] (a linear layer's weight)"),
+            q_len: Optional[int] = typer.Option(None, help="attention: query length"),
+            kv_len: Optional[int] = typer.Option(None, help="attention: key/value length"),
+            heads: int = typer.Option(32, help="attention: query heads"),
+            kv_heads: Optional[int] = typer.Option(None, help="attention: key/value heads (default: heads)"),
+            head_dim: int = typer.Option(128, help="attention: head dimension"),
+            mask: str = typer.Option("none", help="attention: none, causal, bool or additive"),
+            softcap: float = typer.Option(0.0, help="attention: logit soft-cap (0: off)"),
+            window: int = typer.Option(0, help="attention: sliding window (0: off)"),
+            backend: str = typer.Option("cpu", help="cpu, metal or cuda"),
+            chip: Optional[str] = typer.Option(None, help="a GPU chip id (e.g. apple-m3-max) instead of this machine's")):
     """Show which rule of which .kevo file chooses the kernel for a call, and why."""
-    from . import ops
+    from . import chips as chips_mod
     from .dsl import DSLError
-    from .features import matmul_features
+    from .features import attention_features, matmul_features
+    from .ops import _runtime
 
-    if op != "matmul":
-        _fail(f"explain knows matmul; {op!r} is not available yet", 2)
-    M, N, K = _parse_shape(shape)
     try:
-        features = matmul_features(M, N, K, batch=batch, dtype=dtype, transpose_a=transpose_a,
-                                   transpose_b=transpose_b)
-        e = ops.explain_matmul(features, backend)
-    except (DSLError, ValueError) as error:
+        target = chips_mod.from_id(chip) if chip else None
+        if target is not None:
+            backend = target.backend
+        if op == "matmul":
+            if shape is None:
+                _fail("explain matmul needs --shape MxNxK", 2)
+            M, N, K = _parse_shape(shape)
+            features = matmul_features(M, N, K, batch=batch, dtype=dtype, transpose_a=transpose_a,
+                                       transpose_b=transpose_b)
+        elif op == "attention":
+            if q_len is None or kv_len is None:
+                _fail("explain attention needs --q-len and --kv-len", 2)
+            features = attention_features(batch=batch, heads=heads, kv_heads=kv_heads or heads,
+                                          q_len=q_len, kv_len=kv_len, head_dim=head_dim,
+                                          dtype=dtype, mask=mask, softcap=softcap, window=window)
+        else:
+            _fail(f"explain knows matmul and attention, not {op!r}", 2)
+        e = _runtime.explain(op, features, backend, target)
+    except (DSLError, ValueError, KeyError) as error:
         _fail(str(error))
     s = e.selection
-    out.print(f"call     matmul M={M} N={N} K={K} batch={batch} dtype={features['dtype']} "
-              f"transpose_a={'yes' if transpose_a else 'no'} transpose_b={'yes' if transpose_b else 'no'}",
-              highlight=False, markup=False)
-    out.print(f"chip     {e.chip.id} ({e.chip.name})", highlight=False, markup=False)
-    out.print(f"file     {e.source.path}  [{e.source.origin}: {e.source.reason}]", highlight=False, markup=False)
-    out.print(f"rule     {s.rule_number} at line {s.line}: {s.rule_text}", highlight=False, markup=False)
-    out.print(f"config   {s.config.to_dsl()}", highlight=False, markup=False)
-    out.print(f"kernel   {s.config.name}", highlight=False, markup=False)
+    shown = " ".join(f"{k}={'yes' if v is True else 'no' if v is False else v}" for k, v in features.items())
+    print(f"call     {op} {shown}")
+    print(f"chip     {e.chip.id} ({e.chip.name})")
+    print(f"file     {e.source.path}  [{e.source.origin}: {e.source.reason}]")
+    print(f"rule     {s.rule_number} at line {s.line}: {s.rule_text}")
+    print(f"config   {s.config.to_dsl()}")
+    print(f"kernel   {s.config.name}")
 
 
 @app.command()

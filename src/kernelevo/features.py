@@ -45,10 +45,10 @@ ATTENTION_FEATURES: tuple[Feature, ...] = (
     Feature("kv_len", "int", "key/value sequence length"),
     Feature("head_dim", "int", "dimension of each head"),
     Feature("dtype", "symbol", "element type of q, k and v", tuple(DTYPES)),
-    Feature("causal", "bool", "keys after a query's aligned position are excluded (mask \"causal\", or a window)"),
+    Feature("causal", "bool", "causal masking"),
     Feature("mask", "symbol", "kind of mask", ("none", "causal", "bool", "additive")),
     Feature("softcap", "number", "logit soft-capping value (0 when off)"),
-    Feature("window", "int", "sliding-window size in keys (0 when off)"),
+    Feature("window", "int", "sliding-window size in tokens (0 when off)"),
 )
 
 OP_FEATURES: dict[str, tuple[Feature, ...]] = {
@@ -79,23 +79,19 @@ def matmul_features(M: int, N: int, K: int, *, batch: int = 1, dtype: str = "f32
             "epilogue": epilogue}
 
 
-ATTENTION_MASKS: tuple[str, ...] = ("none", "causal", "bool", "additive")
-
-
-def attention_features(batch: int, heads: int, kv_heads: int, q_len: int, kv_len: int,
-                       head_dim: int, *, dtype: str = "f32", mask: str = "none",
+def attention_features(*, batch: int, heads: int, kv_heads: int, q_len: int, kv_len: int,
+                       head_dim: int, dtype: str = "f16", mask: str = "none",
                        softcap: float = 0.0, window: int = 0) -> dict:
-    """An attention call's features, in the order of ATTENTION_FEATURES. dtype is a DSL
-    symbol (f32/f16/bf16) or an MLX dtype name; mask is the kind of mask (a symbol of
-    ATTENTION_MASKS); softcap and window are 0 when off."""
+    """An attention call's features, in the order of ATTENTION_FEATURES. mask is none,
+    causal, bool or additive; softcap and window are 0 when off."""
     dtype = DTYPE_SYMBOL.get(dtype, dtype)
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-    if mask not in ATTENTION_MASKS:
-        raise ValueError(f"unknown mask kind {mask!r}; expected one of {', '.join(ATTENTION_MASKS)}")
-    if kv_heads < 1 or heads % kv_heads:
+    if mask not in ("none", "causal", "bool", "additive"):
+        raise ValueError(f"unknown mask kind {mask!r}; expected none, causal, bool or additive")
+    if kv_heads <= 0 or heads % kv_heads:
         raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
     return {"batch": int(batch), "heads": int(heads), "kv_heads": int(kv_heads),
             "gqa": int(heads) // int(kv_heads), "q_len": int(q_len), "kv_len": int(kv_len),
-            "head_dim": int(head_dim), "dtype": dtype, "causal": mask == "causal" or window > 0,
-            "mask": mask, "softcap": float(softcap), "window": int(window)}
+            "head_dim": int(head_dim), "dtype": dtype, "causal": mask == "causal", "mask": mask,
+            "softcap": float(softcap), "window": int(window)}

@@ -10,6 +10,7 @@ never be reached. Whatever depends on the call is checked again when a rule is s
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 
 from ..chips import BACKENDS, FACT_NAMES, Chip
@@ -20,7 +21,8 @@ from .errors import Diagnostic
 from .evaluate import FUNCTIONS, EvalError, partial_truth, try_constant
 
 SUPPORTED_VERSION = 1
-INTEGER_FACTS = {"cores", "simd_width", "vector_registers", "threadgroup_memory", "max_threads"}
+INTEGER_FACTS = {"cores", "simd_width", "vector_registers", "threadgroup_memory", "max_threads",
+                 "generation"}
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,12 @@ def representative_chips(backend: str, patterns: tuple[str, ...]) -> list[Chip]:
                               simd_width=width, vector_registers=regs))
         return found
     if backend == "metal":
-        return [Chip(id="apple-any", backend="metal", name="Apple GPUs", vendor="apple",
-                     cores=0, simd_width=32, threadgroup_memory=32768, max_threads=1024)]
+        # One per M generation the patterns name (rules may test chip.generation).
+        generations = sorted({int(m.group(1)) for p in patterns
+                              if (m := re.match(r"apple-m(\d)", p))} or {1, 2, 3, 4})
+        return [Chip(id=f"apple-m{g}-any", backend="metal", name=f"Apple M{g} GPUs", vendor="apple",
+                     cores=0, simd_width=32, threadgroup_memory=32768, max_threads=1024,
+                     generation=g) for g in generations]
     hopper = bool(patterns) and all(
         p.startswith(("nvidia-h1", "nvidia-h2", "nvidia-gh", "nvidia-b", "nvidia-gb")) for p in patterns)
     return [Chip(id="nvidia-any", backend="cuda", name="NVIDIA GPUs", vendor="nvidia", cores=0,
@@ -329,8 +335,8 @@ class _Checker:
         if isinstance(expr, ast.Unary):
             t = self.value_type(expr.operand, features, lets)
             if expr.op == "not":
-                return self.expect(t, "bool", "'not'", expr.operand) and BOOL
-            return self.expect(t, "num", "'-'", expr.operand) and t
+                return BOOL if self.expect(t, "bool", "'not'", expr.operand) else ANY
+            return t if self.expect(t, "num", "'-'", expr.operand) else ANY
         if isinstance(expr, ast.Binary):
             a = self.value_type(expr.left, features, lets)
             b = self.value_type(expr.right, features, lets)

@@ -155,7 +155,8 @@ class _Build(Transformer):
         return ast.Program(version, target, chips, sections, pos=_pos(meta), target_pos=target_pos)
 
     def header(self, meta, children):
-        version = int(children[0].value, 0)
+        text = children[0].value
+        version = int(text, 16) if text.lower().startswith("0x") else int(text, 10)
         target, chips, target_pos = None, (), ast.NOWHERE
         for child in children[1:]:
             if child[0] == "target":
@@ -227,7 +228,9 @@ class _Build(Transformer):
         return tuple(children)
 
     def int_(self, meta, children):
-        return ast.Num(int(children[0].value, 0), pos=_pos(meta))
+        text = children[0].value
+        value = int(text, 16) if text.lower().startswith("0x") else int(text, 10)  # 007 is 7
+        return ast.Num(value, pos=_pos(meta))
 
     def float_(self, meta, children):
         return ast.Num(float(children[0].value), pos=_pos(meta))
@@ -245,14 +248,33 @@ class _Build(Transformer):
         return ast.Call(children[0].value, tuple(children[1:]), pos=_pos(meta))
 
 
+MAX_DEPTH = 200  # far beyond any real rule; keeps every recursive pass safe
+
+
+def _check_depth(tree: Tree, text: str, path: str) -> None:
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            line = getattr(node.meta, "line", 1) if not getattr(node.meta, "empty", True) else 1
+            column = getattr(node.meta, "column", 1) if line != 1 or not node.meta.empty else 1
+            raise DSLError(Diagnostic(f"expression nested too deeply (more than {MAX_DEPTH} levels)",
+                                      line, column, path=path, source_line=source_line(text, line)))
+        stack.extend((child, depth + 1) for child in node.children if isinstance(child, Tree))
+
+
 def _build(tree: Tree, text: str, path: str):
+    _check_depth(tree, text, path)
     try:
         return _Build().transform(tree)
     except VisitError as err:
-        if isinstance(err.orig_exc, RecursionError):
-            raise DSLError(Diagnostic("expression nested too deeply", 1, 1, path=path,
-                                      source_line=source_line(text, 1))) from None
-        raise
+        meta = getattr(err.obj, "meta", None)
+        line = meta.line if meta is not None and not meta.empty else 1
+        column = meta.column if meta is not None and not meta.empty else 1
+        reason = ("expression nested too deeply" if isinstance(err.orig_exc, RecursionError)
+                  else f"cannot read this: {err.orig_exc}")
+        raise DSLError(Diagnostic(reason, line, column, path=path,
+                                  source_line=source_line(text, line))) from None
     except RecursionError:
         raise DSLError(Diagnostic("expression nested too deeply", 1, 1, path=path,
                                   source_line=source_line(text, 1))) from None

@@ -9,10 +9,18 @@ selection code, the tuner's search, docs/dsl.md and the extension's tests read.
 from __future__ import annotations
 
 from .cpu_attention import CPU_ATTENTION_FAMILIES, CPU_DECODE, CPU_DECODE_SPLIT, CPU_FLASH
-from .cpu_matmul import CPU_MATMUL_FAMILIES, CPU_GEMM, CPU_GEMV, CPU_TILE_COLS, CPU_TILE_ROWS
+from .cpu_matmul import CPU_GEMM, CPU_GEMV, CPU_MATMUL_FAMILIES, CPU_TILE_COLS, CPU_TILE_ROWS
+from .cuda_attention import CUDA_ATTENTION_FAMILIES
+from .cuda_matmul import CUDA_MATMUL_FAMILIES
+from .metal_attention import METAL_ATTENTION_FAMILIES
+from .metal_matmul import METAL_MATMUL_FAMILIES
 from .schema import Call, Constraint, Family, Param, Params, ParamValue
 
-ALL_FAMILIES: tuple[Family, ...] = CPU_MATMUL_FAMILIES + CPU_ATTENTION_FAMILIES
+ALL_FAMILIES: tuple[Family, ...] = (
+    CPU_MATMUL_FAMILIES + CPU_ATTENTION_FAMILIES
+    + METAL_MATMUL_FAMILIES + METAL_ATTENTION_FAMILIES
+    + CUDA_MATMUL_FAMILIES + CUDA_ATTENTION_FAMILIES
+)
 
 _BY_KEY: dict[tuple[str, str, str], Family] = {(f.op, f.backend, f.name): f for f in ALL_FAMILIES}
 

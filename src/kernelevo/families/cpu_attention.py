@@ -7,6 +7,7 @@ hold more than one block of scores per task; they differ in how the work is cut.
 from __future__ import annotations
 
 from .cpu_matmul import _threads, _threads_fit
+from .gpu_common import SCALE_AT
 from .schema import Constraint, Family, Param
 
 #: the most query positions the decode families take (cpu_attention.h: kDecodeMaxQueries)
@@ -35,9 +36,7 @@ CPU_FLASH = Family(
         Param("skip_masked_blocks", "bool",
               "visit only the keys some row of the tile can see (no: every key, masked "
               "element-wise)"),
-        Param("scale", "choice",
-              "where the softmax scale is applied: to each block of scores, or once to the "
-              "query tile", choices=("scores", "q")),
+        SCALE_AT,
     ),
     constraints=(_threads_fit,),
 )

@@ -106,7 +106,8 @@ class Family:
     def search_space(self, chip: Chip, call: Call | None = None) -> Iterator[dict[str, ParamValue]]:
         """Every combination of the parameters' search values that meets the constraints."""
         names = self.param_names
-        for values in itertools.product(*(p.search_values(chip) for p in self.params)):
+        domains = [[v for v in p.search_values(chip) if p.contains(v)] for p in self.params]
+        for values in itertools.product(*domains):
             params = dict(zip(names, values))
             if not self.violations(params, chip, call):
                 yield params

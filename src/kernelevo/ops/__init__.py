@@ -2,8 +2,8 @@
 
 from ._runtime import BackendNotSupportedError, Explanation, forget_selections
 from ._runtime import ext as _ext
-from .attention import attention, attention_launcher, explain_attention, select_attention
-from .matmul import explain_matmul, matmul, matmul_launcher, select_matmul
+from .attention_op import attention, attention_launcher, explain_attention, select_attention
+from .matmul_op import explain_matmul, matmul, matmul_launcher, select_matmul
 
 __all__ = ["BackendNotSupportedError", "Explanation", "explain_matmul", "forget_selections",
            "matmul", "matmul_launcher", "select_matmul",

@@ -78,8 +78,10 @@ class Explanation:
     selection: Selection
 
 
-def explain(op: str, features: dict, backend: str = "cpu") -> Explanation:
-    chip = chips.detect(backend)
+def explain(op: str, features: dict, backend: str = "cpu",
+            chip: chips.Chip | None = None) -> Explanation:
+    """What the heuristics choose for a call, on this machine's chip or a named one."""
+    chip = chip or chips.detect(backend)
     active = heuristics.active(backend, chip)
     return Explanation(op, backend, chip, active.source, features,
                        active.program.select(op, features))

@@ -32,8 +32,9 @@ def _select(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, mask, softca
     key = (batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, mask, softcap, window, device)
     hit = _cache.get(key)
     if hit is None:
-        features = attention_features(batch, heads, kv_heads, q_len, kv_len, head_dim,
-                                      dtype=dtype, mask=mask, softcap=softcap, window=window)
+        features = attention_features(batch=batch, heads=heads, kv_heads=kv_heads, q_len=q_len,
+                                      kv_len=kv_len, head_dim=head_dim, dtype=dtype, mask=mask,
+                                      softcap=softcap, window=window)
         config = select_attention(features, backend_of_device(device)).config
         hit = _cache[key] = (config.family, config.ext_params())
     return hit
@@ -62,7 +63,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float,
     over all keys, which is what MLX outputs for a row its boolean mask masks fully.
 
     `config` forces one kernel configuration (a KernelConfig or its DSL form, e.g.
-    "flash bq=64 bk=96 threads=2 pack_gqa=yes skip_masked_blocks=yes scale=q"); by default
+    "flash bq=64 bk=96 threads=2 pack_gqa=yes skip_masked_blocks=yes scale_at=q"); by default
     the heuristics in force for this chip choose.
     """
     if config is None:
@@ -90,5 +91,6 @@ def call_features(q, k, v, *, mask=None, softcap=None, window=None) -> dict:
     """The features of `attention(q, k, v, ...)` (the extension validates the inputs)."""
     batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, kind = ext.describe_attention(
         q, k, v, mask, softcap, window)
-    return attention_features(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype=dtype,
-                              mask=kind, softcap=softcap or 0.0, window=window or 0)
+    return attention_features(batch=batch, heads=heads, kv_heads=kv_heads, q_len=q_len,
+                              kv_len=kv_len, head_dim=head_dim, dtype=dtype, mask=kind,
+                              softcap=softcap or 0.0, window=window or 0)

@@ -1,0 +1,80 @@
+"""Metal attention families (templates in metal/)."""
+
+from __future__ import annotations
+
+from .gpu_common import SCALE_AT, builtin, itemsize, memory_fit, threads_fit
+from .schema import Constraint, Family, Param
+
+HEAD_DIMS = (64, 72, 80, 96, 128, 192, 256)
+
+
+def _flash_bytes(p, call) -> int:
+    # Q tile plus one K/V tile (K and V share it), rows padded by 16 bytes.
+    size = itemsize(call)
+    pad = 16 // size
+    d = call.get("head_dim", 128)
+    return (p["bq"] * (d + pad) + max((p["bk"] + pad) * d, p["bk"] * (d + pad))) * size
+
+
+_pack_gqa = Param("pack_gqa", "bool", "one threadgroup serves all query heads of a KV head, so "
+                  "K and V are read once per KV head")
+_decode_calls = (
+    Constraint("q_len <= 8", lambda p, chip, call: call["q_len"] <= 8, on_call=True),
+    Constraint("q_len <= kv_len", lambda p, chip, call: call["q_len"] <= call["kv_len"], on_call=True),
+    Constraint("gqa * q_len <= 32 when pack_gqa (one simdgroup per query row)",
+               lambda p, chip, call: not p["pack_gqa"] or call["gqa"] * call["q_len"] <= 32,
+               on_call=True),
+    Constraint("head_dim in {64, 72, 80, 96, 128, 192, 256}",
+               lambda p, chip, call: call["head_dim"] in HEAD_DIMS, on_call=True),
+)
+
+METAL_FLASH = Family(
+    op="attention", backend="metal", name="flash",
+    doc="Prefill flash attention: a bq-row query tile per threadgroup walks the keys bk at a "
+        "time with an online softmax (f32 statistics); wm x wn simdgroups.",
+    params=(
+        Param("bq", "int", "query rows per threadgroup", allowed=(16, 32, 64)),
+        Param("bk", "int", "keys per step", allowed=(8, 16, 32, 64)),
+        Param("wm", "int", "simdgroups along the query rows", allowed=(1, 2, 4, 8)),
+        Param("wn", "int", "simdgroups along the head dimension", allowed=(1, 2)),
+        Param("skip_masked_blocks", "bool", "skip key blocks that the causal or window mask "
+              "removes entirely (no: compute and mask them)"),
+        SCALE_AT,
+    ),
+    constraints=(
+        Constraint("bq % (8 * wm) == 0", lambda p, chip, call: p["bq"] % (8 * p["wm"]) == 0),
+        threads_fit(lambda p: 32 * p["wm"] * p["wn"], "32 * wm * wn threads"),
+        memory_fit(_flash_bytes, "(bq * (D + pad) + bk * (D + pad)) * itemsize"),
+        Constraint("head_dim in {64, 72, 80, 96, 128, 192, 256}",
+                   lambda p, chip, call: call["head_dim"] in HEAD_DIMS, on_call=True),
+    ),
+)
+
+METAL_DECODE = Family(
+    op="attention", backend="metal", name="decode",
+    doc="Single-pass decode attention for q_len <= 8: simdgroups split the keys, each keeps "
+        "an online softmax, and one threadgroup reduction merges them.",
+    params=(
+        Param("simdgroups", "int", "simdgroups splitting the keys", allowed=(1, 2, 4, 8, 16, 32)),
+        _pack_gqa,
+        SCALE_AT,
+    ),
+    constraints=(threads_fit(lambda p: 32 * p["simdgroups"], "32 * simdgroups threads"),
+                 *_decode_calls),
+)
+
+METAL_DECODE_SPLIT = Family(
+    op="attention", backend="metal", name="decode_split",
+    doc="Two-pass decode attention for long contexts: `blocks` threadgroups per head each "
+        "reduce a slice of the keys to a partial softmax; a second kernel merges them.",
+    params=(
+        Param("blocks", "int", "slices of the key sequence", lo=32, hi=1024, multiple_of=32,
+              search=(32, 64, 128, 256, 512, 1024)),
+        _pack_gqa,
+        SCALE_AT,
+    ),
+    constraints=_decode_calls,
+)
+
+METAL_ATTENTION_FAMILIES: tuple[Family, ...] = (METAL_FLASH, METAL_DECODE, METAL_DECODE_SPLIT,
+                                                builtin("attention", "metal"))
