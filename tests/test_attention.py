@@ -26,15 +26,24 @@ def cfg(text):
 # layouts (packed heads or one head per task), both scale placements, masked blocks
 # visited or skipped, and one or all cores.
 CONFIGS = [
-    cfg(f"flash bq=16 bk=7 threads={CORES} pack_gqa=yes skip_masked_blocks=yes scale_at=q"),
-    cfg("flash bq=32 bk=24 threads=1 pack_gqa=no skip_masked_blocks=no scale_at=scores"),
-    cfg(f"flash bq=64 bk=96 threads={CORES} pack_gqa=yes skip_masked_blocks=no scale_at=scores"),
-    cfg(f"flash bq=48 bk=1 threads={CORES} pack_gqa=no skip_masked_blocks=yes scale_at=q"),
+    cfg(f"flash bq=16 bk=7 threads={CORES} pack_gqa=yes skip_masked_blocks=yes scale_at=q dot=fma"),
+    cfg("flash bq=32 bk=24 threads=1 pack_gqa=no skip_masked_blocks=no scale_at=scores dot=fma"),
+    cfg(f"flash bq=64 bk=96 threads={CORES} pack_gqa=yes skip_masked_blocks=no scale_at=scores dot=fma"),
+    cfg(f"flash bq=48 bk=1 threads={CORES} pack_gqa=no skip_masked_blocks=yes scale_at=q dot=fma"),
     cfg(f"decode bk=16 threads={CORES} pack_gqa=yes"),
     cfg("decode bk=5 threads=1 pack_gqa=no"),
     cfg(f"decode_split bk=8 blocks=3 threads={CORES} pack_gqa=yes"),
     cfg(f"decode_split bk=32 blocks=16 threads={CORES} pack_gqa=no"),
 ]
+
+
+# bf16 tile products on AMX (where the CPU has them): bf16 inputs only.
+AMX_CONFIGS = [
+    cfg(f"flash bq=32 bk=32 threads={CORES} pack_gqa=yes skip_masked_blocks=yes scale_at=q dot=amx"),
+    cfg("flash bq=64 bk=96 threads=1 pack_gqa=no skip_masked_blocks=no scale_at=scores dot=amx"),
+    cfg(f"flash bq=128 bk=256 threads={CORES} pack_gqa=yes skip_masked_blocks=yes scale_at=scores "
+        "dot=amx"),
+] if CHIP.amx else []
 
 
 def reference(q, k, v, scale, mask=None, softcap=None, window=None):
@@ -115,6 +124,23 @@ def test_softcap_and_window(rng, config, dtype):
         check(out, reference(q, k, v, 0.3, m, softcap, window), dtype)
 
 
+@pytest.mark.parametrize("config", AMX_CONFIGS, ids=lambda c: c.name)
+@pytest.mark.parametrize("mask", MASKS)
+def test_amx_configurations_are_correct(rng, config, mask):
+    for case, (H, Hkv, Lq, Lkv, D, Dv) in enumerate([(4, 4, 37, 53, 40, 24), (8, 2, 64, 64, 128, 128),
+                                                     (5, 1, 100, 77, 64, 80), (2, 2, 33, 300, 256, 256),
+                                                     (8, 1, 17, 9, 96, 96)]):
+        q, k, v = inputs(rng, "bf16", 2 if case == 0 else 1, H, Hkv, Lq, Lkv, D, Dv)
+        m = make_mask(rng, mask, "bf16", q.shape[0], H, Lq, Lkv)
+        out = ke.attention(q, k, v, scale=D ** -0.5, mask=m, config=config)
+        check(out, reference(q, k, v, D ** -0.5, m), "bf16")
+    q, k, v = inputs(rng, "bf16", 1, 4, 2, 29, 41, 32)
+    for softcap, window, mask in [(5.0, None, mask), (None, 9, mask), (2.0, 3, "causal")]:
+        m = make_mask(rng, mask, "bf16", 1, 4, 29, 41)
+        out = ke.attention(q, k, v, scale=0.3, mask=m, softcap=softcap, window=window, config=config)
+        check(out, reference(q, k, v, 0.3, m, softcap, window), "bf16")
+
+
 @pytest.mark.parametrize("D", [64, 80, 96, 128, 256])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_head_dims_with_default_heuristics(rng, D, dtype):
@@ -124,37 +150,40 @@ def test_head_dims_with_default_heuristics(rng, D, dtype):
               reference(q, k, v, D ** -0.5, mask), dtype)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+@pytest.mark.parametrize("config", CONFIGS + AMX_CONFIGS, ids=lambda c: c.name)
 def test_fully_masked_rows_output_the_mean_of_v(rng, config):
     Lq = 5 if config.family != "flash" else 21
-    q, k, v = inputs(rng, "f32", 1, 2, 1, Lq, 19, 16)
+    dtype = "bf16" if config.as_dict().get("dot") == "amx" else "f32"
+    q, k, v = inputs(rng, dtype, 1, 2, 1, Lq, 19, 16)
     visible = rng.random((1, 2, Lq, 19)) > 0.5
     visible[:, :, 1] = False  # row 1 of every head sees nothing
     bool_mask = mx.array(visible)
-    additive = mx.array(np.where(visible, 0.0, -np.inf).astype(np.float32))
+    additive = mx.array(np.where(visible, 0.0, -np.inf).astype(np.float32)).astype(MX[dtype])
     mean_v = f64(v).mean(axis=2)[0, 0]
     for m in (bool_mask, additive):
         out = ke.attention(q, k, v, scale=0.25, mask=m, config=config)
         got = f64(out)
         assert np.all(np.isfinite(got))
-        np.testing.assert_allclose(got[0, :, 1], np.broadcast_to(mean_v, (2, 16)), atol=1e-5)
-        assert relative_error(out, reference(q, k, v, 0.25, m)) < TOL["f32"]
+        np.testing.assert_allclose(got[0, :, 1], np.broadcast_to(mean_v, (2, 16)),
+                                   atol=TOL[dtype] * np.abs(mean_v).max())
+        assert relative_error(out, reference(q, k, v, 0.25, m)) < TOL[dtype]
     # MLX outputs the same for a fully masked boolean row
     expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=bool_mask)
     assert relative_error(ke.attention(q, k, v, scale=0.25, mask=bool_mask, config=config),
-                          f64(expected)) < TOL["f32"]
+                          f64(expected)) < 2 * TOL[dtype]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+@pytest.mark.parametrize("config", CONFIGS + AMX_CONFIGS, ids=lambda c: c.name)
 def test_more_queries_than_keys_with_causal_mask(rng, config):
     Lq = 12 if config.family != "flash" else 50
-    q, k, v = inputs(rng, "f32", 1, 4, 2, Lq, 7, 32)  # the first Lq - 7 rows see no key
+    dtype = "bf16" if config.as_dict().get("dot") == "amx" else "f32"
+    q, k, v = inputs(rng, dtype, 1, 4, 2, Lq, 7, 32)  # the first Lq - 7 rows see no key
     out = ke.attention(q, k, v, scale=0.2, mask="causal", config=config)
-    check(out, reference(q, k, v, 0.2, "causal"), "f32")
+    check(out, reference(q, k, v, 0.2, "causal"), dtype)
     expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.2, mask="causal")
-    assert relative_error(out, f64(expected)) < TOL["f32"]
+    assert relative_error(out, f64(expected)) < 2 * TOL[dtype]
     windowed = ke.attention(q, k, v, scale=0.2, window=3, config=config)
-    check(windowed, reference(q, k, v, 0.2, None, None, 3), "f32")
+    check(windowed, reference(q, k, v, 0.2, None, None, 3), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -317,11 +346,17 @@ def test_bad_input_is_a_value_error(kwargs, message):
 
 def test_bad_configurations_are_value_errors():
     q, k = mx.zeros((1, 2, 20, 8)), mx.zeros((1, 2, 20, 8))
+    amx = "flash bq=32 bk=32 threads=1 pack_gqa=yes skip_masked_blocks=yes scale_at=q dot=amx"
+    with pytest.raises(ValueError, match="bf16 when dot=amx" if CHIP.amx else "chip.amx == 1"):
+        ke.attention(q, k, k, scale=1.0, config=amx)  # f32 inputs
+    with pytest.raises(ValueError, match="bfloat16"):  # the extension checks too
+        ke.ops._ext.attention(q, k, k, scale=1.0, family="flash",
+                              params=KernelConfig.parse(amx, "attention", "cpu").ext_params())
     with pytest.raises(ValueError, match="q_len <= 16"):  # the schema's call constraint
         ke.attention(q, k, k, scale=1.0, config="decode bk=16 threads=1 pack_gqa=yes")
     with pytest.raises(ValueError, match="no parameter"):
         ke.attention(q, k, k, scale=1.0, config="flash bq=16 bk=8 threads=1 pack_gqa=yes "
-                                                 "skip_masked_blocks=yes scale_at=q extra=1")
+                                                 "skip_masked_blocks=yes scale_at=q dot=fma extra=1")
     with pytest.raises(ValueError, match="at most 16 queries"):  # the extension checks too
         ke.ops._ext.attention(q, k, k, scale=1.0, family="decode",
                               params={"bk": 16, "threads": 1, "pack_gqa": 1})

@@ -54,7 +54,7 @@ def test_sampled_search_space_is_correct(rng, family):
     Lq = 3 if family.name != "flash" else 45
     q, k, v = inputs(rng, "bf16", 1, 6, 2, Lq, 71, 48)
     expected = reference(q, k, v, 0.15, "causal")
-    space = list(family.search_space(CHIP, call(6, 2, Lq, 71, 48)))
+    space = list(family.search_space(CHIP, call(6, 2, Lq, 71, 48, dtype="bf16")))
     for params in random.Random(3).sample(space, min(12, len(space))):
         config = KernelConfig.make("attention", "cpu", family.name, params)
         out = ke.attention(q, k, v, scale=0.15, mask="causal", config=config)
@@ -84,7 +84,7 @@ def test_rules_select_attention_configurations():
         "  when q_len <= 16 and kv_len >= 4096 { decode_split bk=64 blocks=clamp(kv_len / 2048, 2, 16) "
         "threads=chip.cores pack_gqa=yes }\n"
         "  when q_len <= 16 { decode bk=32 threads=1 pack_gqa=gqa > 1 }\n"
-        "  else { flash bq=64 bk=96 threads=chip.cores pack_gqa=yes skip_masked_blocks=causal scale_at=q }")
+        "  else { flash bq=64 bk=96 threads=chip.cores pack_gqa=yes skip_masked_blocks=causal scale_at=q dot=fma }")
     long = program.select("attention", call(32, 8, 1, 32768, 128))
     assert long.config.to_dsl() == (f"decode_split bk=64 blocks=16 threads={CHIP.cores} pack_gqa=yes")
     short = program.select("attention", call(4, 4, 2, 100, 64))
@@ -103,6 +103,6 @@ def test_a_rule_that_chooses_decode_for_many_queries_is_an_error():
 def test_checker_rejects_unknown_attention_parameters():
     with pytest.raises(DSLError, match="flash has no parameter 'wm'"):
         _program("  else { flash bq=64 bk=96 wm=4 threads=1 pack_gqa=yes "
-                 "skip_masked_blocks=yes scale_at=q }")
+                 "skip_masked_blocks=yes scale_at=q dot=fma }")
     with pytest.raises(DSLError, match="bq=40 is not"):
-        _program("  else { flash bq=40 bk=96 threads=1 pack_gqa=yes skip_masked_blocks=yes scale_at=q }")
+        _program("  else { flash bq=40 bk=96 threads=1 pack_gqa=yes skip_masked_blocks=yes scale_at=q dot=fma }")

@@ -152,12 +152,7 @@ mx::array attention(const mx::array& q_in, const mx::array& k_in, const mx::arra
   } else {
     fail("no configuration given and no heuristics registered");
   }
-  cpu::validate_attention_config(chosen);
-  if (chosen.family != "flash" && call.q_len > cpu::kDecodeMaxQueries) {
-    fail("the '" + chosen.family + "' kernels take at most " +
-         std::to_string(cpu::kDecodeMaxQueries) + " queries; this call has " +
-         std::to_string(call.q_len));
-  }
+  cpu::validate_attention_call(chosen, cpu_dtype(call.dtype), call.q_len);
 
   std::vector<mx::array> inputs = {mx::astype(q_in, call.dtype, stream),
                                    mx::astype(k_in, call.dtype, stream),

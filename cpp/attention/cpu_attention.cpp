@@ -2,13 +2,16 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "attention/kernel_common.h"
 #include "attention/vec.h"
 #include "common/threadpool.h"
 
@@ -16,16 +19,7 @@ namespace kernelevo::cpu {
 
 namespace {
 
-using namespace vec;
-
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-int64_t cdiv(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-int64_t round_up(int64_t a, int64_t b) {
-  return cdiv(a, b) * b;
-}
+using namespace detail;
 
 // ---------------------------------------------------------------------------------------
 // The register-tiled product both stages of flash attention use:
@@ -119,169 +113,10 @@ void small_gemm(int M, int nvec, int K, const float* A, int64_t ars, int64_t acs
 }
 
 // ---------------------------------------------------------------------------------------
-// What every kernel shares: which query rows a task handles, which keys each may see.
-
-struct Geometry {
-  int64_t group;    // query heads per key/value head
-  int64_t offset;   // kv_len - q_len: query i aligns with key i + offset
-  bool bounded;     // causal or windowed: keys after the aligned position are excluded
-  int64_t window;   // 0: none
-};
-
-Geometry geometry(const AttentionProblem& p) {
-  return {p.heads / p.kv_heads, p.kv_len - p.q_len, p.causal || p.window > 0, p.window};
-}
-
-// The query rows of one task: rows t in [t0, t1) of a unit of `pack` heads starting at
-// head h0, ordered position-major (t = pos * pack + head - h0).
-struct Rows {
-  int64_t count = 0;
-  std::vector<int64_t> pos, head;
-  std::vector<int32_t> lo, hi;  // the keys row r may see: [lo[r], hi[r])
-  int32_t min_lo = 0, max_lo = 0, min_hi = 0, max_hi = 0;
-
-  void assign(const AttentionProblem& p, const Geometry& g, int64_t h0, int64_t pack,
-              int64_t t0, int64_t t1, int64_t padded) {
-    count = t1 - t0;
-    pos.assign(padded, 0);
-    head.assign(padded, h0);
-    lo.assign(padded, 0);
-    hi.assign(padded, static_cast<int32_t>(p.kv_len));  // padding rows see everything
-    for (int64_t r = 0; r < count; ++r) {
-      const int64_t t = t0 + r;
-      pos[r] = t / pack;
-      head[r] = h0 + t % pack;
-      const int64_t aligned = pos[r] + g.offset;
-      int64_t h = g.bounded ? aligned + 1 : p.kv_len;
-      int64_t l = g.window > 0 ? aligned - g.window + 1 : 0;
-      hi[r] = static_cast<int32_t>(std::clamp<int64_t>(h, 0, p.kv_len));
-      lo[r] = static_cast<int32_t>(std::clamp<int64_t>(l, 0, p.kv_len));
-    }
-    min_lo = *std::min_element(lo.begin(), lo.begin() + count);
-    max_lo = *std::max_element(lo.begin(), lo.begin() + count);
-    min_hi = *std::min_element(hi.begin(), hi.begin() + count);
-    max_hi = *std::max_element(hi.begin(), hi.begin() + count);
-  }
-
-  // Whether some row must not see some key of [j0, j1) (then it is masked per element).
-  bool partial(int64_t j0, int64_t j1) const { return max_lo > j0 || min_hi < j1; }
-};
-
-template <typename T>
-const T* at(const Tensor4& t, int64_t i0, int64_t i1, int64_t i2) {
-  return static_cast<const T*>(t.data) + i0 * t.strides[0] + i1 * t.strides[1] +
-         i2 * t.strides[2];
-}
-
-// The mean of v over all keys: what a fully masked row outputs (see the header).
-template <typename T>
-void mean_of_values(const AttentionProblem& p, int64_t b, int64_t kvh, float* dst) {
-  std::fill(dst, dst + p.v_dim, 0.0f);
-  std::vector<float> row(p.v_dim);
-  for (int64_t j = 0; j < p.kv_len; ++j) {
-    to_f32(at<T>(p.v, b, kvh, j), p.v_dim, row.data());
-    for (int64_t d = 0; d < p.v_dim; ++d) dst[d] += row[d];
-  }
-  const float inv = p.kv_len ? 1.0f / static_cast<float>(p.kv_len) : 0.0f;
-  for (int64_t d = 0; d < p.v_dim; ++d) dst[d] *= inv;
-}
-
-// Writes one output row: o[d * stride] / l, or the fully masked row's value when l == 0.
-template <typename T>
-void write_row(const AttentionProblem& p, int64_t b, int64_t head, int64_t pos,
-               const float* o, int64_t stride, float l, const float* masked_row) {
-  T* dst = static_cast<T*>(p.out) + ((b * p.heads + head) * p.q_len + pos) * p.v_dim;
-  if (l > 0.0f) {
-    const float inv = 1.0f / l;
-    for (int64_t d = 0; d < p.v_dim; ++d) dst[d] = T(o[d * stride] * inv);
-  } else {
-    for (int64_t d = 0; d < p.v_dim; ++d) dst[d] = T(masked_row[d]);
-  }
-}
-
-// Finishes rows [0, rows.count) of a task from its accumulators: row r's value d at
-// o[r * row_stride + d * col_stride].
-template <typename T>
-void write_rows(const AttentionProblem& p, int64_t b, int64_t kvh, const Rows& rows,
-                const float* o, int64_t row_stride, int64_t col_stride, const float* l) {
-  thread_local std::vector<float> masked_row;
-  bool have_masked = false;
-  for (int64_t r = 0; r < rows.count; ++r) {
-    if (!(l[r] > 0.0f) && !have_masked) {
-      masked_row.resize(p.v_dim);
-      mean_of_values<T>(p, b, kvh, masked_row.data());
-      have_masked = true;
-    }
-    write_row<T>(p, b, rows.head[r], rows.pos[r], o + r * row_stride, col_stride, l[r],
-                 masked_row.data());
-  }
-}
-
-// Score transforms applied before masking: scale (unless q was scaled) and softcap.
-inline void scale_and_cap(float* s, int64_t n, float scale, float softcap) {
-  if (scale == 1.0f && softcap == 0.0f) return;
-  const vfloat vs = splat(scale);
-  const float inv_cap = softcap != 0.0f ? 1.0f / softcap : 0.0f;
-  for (int64_t i = 0; i < n; i += kLanes) {
-    vfloat x = load(s + i) * vs;
-    if (softcap != 0.0f) x = softcap * vtanh(x * inv_cap);
-    store(s + i, x);
-  }
-}
-
-// Adds an additive mask / applies a boolean mask to score (r, j) = s[r * rs + j * cs].
-template <typename T>
-void apply_mask_array(const AttentionProblem& p, int64_t b, const Rows& rows, int64_t j0,
-                      int64_t n, float* s, int64_t rs, int64_t cs) {
-  const int64_t ms3 = p.mask_values.strides[3];
-  for (int64_t r = 0; r < rows.count; ++r) {
-    float* row = s + r * rs;
-    if (p.mask == MaskKind::boolean) {
-      const bool* m = at<bool>(p.mask_values, b, rows.head[r], rows.pos[r]) + j0 * ms3;
-      for (int64_t j = 0; j < n; ++j)
-        if (!m[j * ms3]) row[j * cs] = kNegInf;
-    } else {
-      const T* m = at<T>(p.mask_values, b, rows.head[r], rows.pos[r]) + j0 * ms3;
-      for (int64_t j = 0; j < n; ++j) row[j * cs] += static_cast<float>(m[j * ms3]);
-    }
-  }
-}
-
-inline vint iota() {
-  return vint{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-}
-
-// One online-softmax step for 16 query rows (lanes) over n scores each, s[j * ld] for
-// key j: updates m and l, turns the scores into probabilities and returns the factor
-// the rows' output accumulators must be multiplied by. Rows that have seen no finite
-// score yet keep m = -inf, l = 0 and get probabilities 0.
-inline vfloat softmax_step(float* s, int64_t ld, int64_t n, vfloat& m, vfloat& l) {
-  vfloat block_max = splat(kNegInf);
-  for (int64_t j = 0; j < n; ++j) block_max = vmax(block_max, load(s + j * ld));
-  const vfloat m_new = vmax(m, block_max);
-  const vint dead = m_new == kNegInf;
-  const vfloat m_safe = select(dead, splat(0.0f), m_new);
-  const vfloat corr = select(dead, splat(1.0f), vexp(m - m_safe));
-  vfloat sum = {};
-  for (int64_t j = 0; j < n; ++j) {
-    const vfloat e = vexp(load(s + j * ld) - m_safe);
-    store(s + j * ld, e);
-    sum += e;
-  }
-  l = l * corr + sum;
-  m = m_new;
-  return corr;
-}
-
-// ---------------------------------------------------------------------------------------
 // flash: a tile of bq query rows against blocks of bk keys. Scores are kept transposed
 // (keys x queries) so that queries are the vector lanes: the softmax over keys is then
 // element-wise across rows of the tile, and f32 keys are read in place.
 
-struct FlashParams {
-  int bq, bk, threads;
-  bool pack_gqa, skip_masked_blocks, scale_q;
-};
 
 FlashParams read_flash(const KernelConfig& config) {
   ConfigReader r(config, "CPU attention kernel");
@@ -292,7 +127,12 @@ FlashParams read_flash(const KernelConfig& config) {
   f.pack_gqa = r.flag("pack_gqa");
   f.skip_masked_blocks = r.flag("skip_masked_blocks");
   f.scale_q = r.choice("scale_at", {"q", "scores"}) == 0;
+  f.amx = r.choice("dot", {"fma", "amx"}) == 1;
   r.finish();
+  if (f.amx && (f.bq % 32 || f.bk % 32)) {
+    throw std::invalid_argument("CPU attention 'flash' with dot=amx needs bq and bk multiples "
+                                "of 32 (got " + config.to_string() + ")");
+  }
   return f;
 }
 
@@ -397,6 +237,17 @@ void flash(const AttentionProblem& p, const FlashParams& f) {
   const int64_t units = p.batch * (p.heads / pack);
   const int64_t tiles = cdiv(p.q_len * pack, f.bq);
   const int threads = std::max(1, std::min(f.threads, available_cores()));
+  // AMX tiles read each key/value head packed once: the first task of a head packs it,
+  // the last frees it (tasks go out head by head, so few heads are packed at a time).
+  struct Packed {
+    std::once_flag once;
+    AmxPackedHead head;
+    std::atomic<int64_t> users;
+  };
+  std::unique_ptr<Packed[]> packed(f.amx ? new Packed[p.batch * p.kv_heads] : nullptr);
+  if (f.amx) {
+    for (int64_t i = 0; i < p.batch * p.kv_heads; ++i) packed[i].users = tiles * (g.group / pack);
+  }
   parallel_for(static_cast<int>(units * tiles), threads, [&](int task, int) {
     thread_local FlashWorkspace ws;
     const int64_t unit = task / tiles;
@@ -404,7 +255,14 @@ void flash(const AttentionProblem& p, const FlashParams& f) {
                                                     // they see the most keys
     const int64_t b = unit / (p.heads / pack), h0 = (unit % (p.heads / pack)) * pack;
     const int64_t t0 = tile * f.bq, t1 = std::min<int64_t>(p.q_len * pack, t0 + f.bq);
-    flash_tile<T>(p, g, f, b, h0, pack, t0, t1, ws);
+    if (!f.amx) {
+      flash_tile<T>(p, g, f, b, h0, pack, t0, t1, ws);
+      return;
+    }
+    Packed& kv = packed[b * p.kv_heads + h0 / g.group];
+    std::call_once(kv.once, [&] { amx_pack_head(p, b, h0 / g.group, kv.head); });
+    flash_amx_tile(p, g, f, kv.head, b, h0, pack, t0, t1);
+    if (--kv.users == 0) kv.head = AmxPackedHead{};
   });
 }
 
@@ -692,8 +550,24 @@ void validate_attention_config(const KernelConfig& config) {
   }
 }
 
-void attention(const AttentionProblem& p, const KernelConfig& config) {
+void validate_attention_call(const KernelConfig& config, Dtype dtype, int64_t q_len) {
   validate_attention_config(config);
+  if (config.family == "flash") {
+    if (!read_flash(config).amx) return;
+    if (dtype != Dtype::bf16) {
+      throw std::invalid_argument("CPU attention 'flash' with dot=amx takes bfloat16 inputs");
+    }
+    std::string why;
+    if (!amx_available(&why)) throw std::invalid_argument(why);
+  } else if (q_len > kDecodeMaxQueries) {
+    throw std::invalid_argument("CPU attention '" + config.family + "' takes at most " +
+                                std::to_string(kDecodeMaxQueries) + " queries, got " +
+                                std::to_string(q_len));
+  }
+}
+
+void attention(const AttentionProblem& p, const KernelConfig& config) {
+  validate_attention_call(config, p.dtype, p.q_len);
   if (p.batch == 0 || p.heads == 0 || p.q_len == 0 || p.v_dim == 0) return;
   if (p.kv_len == 0) {  // softmax over no keys: MLX outputs zeros
     with_dtype(p.dtype, [&](auto t) {
@@ -707,11 +581,6 @@ void attention(const AttentionProblem& p, const KernelConfig& config) {
     with_dtype(p.dtype, [&](auto t) { flash<decltype(t)>(p, f); });
   } else {
     const DecodeParams d = read_decode(config, config.family == "decode_split");
-    if (p.q_len > kDecodeMaxQueries) {
-      throw std::invalid_argument("CPU attention '" + config.family + "' takes at most " +
-                                  std::to_string(kDecodeMaxQueries) + " queries, got " +
-                                  std::to_string(p.q_len));
-    }
     with_dtype(p.dtype, [&](auto t) { decode<decltype(t)>(p, d); });
   }
 }

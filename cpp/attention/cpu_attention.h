@@ -53,6 +53,10 @@ void attention(const AttentionProblem& problem, const KernelConfig& config);
 // configuration (every parameter read, none missing, each within its range).
 void validate_attention_config(const KernelConfig& config);
 
+// Throws std::invalid_argument unless the configuration can run a call of this dtype and
+// query length (decode's query limit; dot=amx's bf16 inputs and the AMX tiles).
+void validate_attention_call(const KernelConfig& config, Dtype dtype, int64_t q_len);
+
 // The most query positions the decode families take (they keep every query row of a
 // key/value head in registers and L1).
 constexpr int64_t kDecodeMaxQueries = 16;

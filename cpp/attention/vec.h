@@ -194,6 +194,42 @@ inline vfloat vexp(vfloat x) {
   return r;
 }
 
+// exp(x) to about 4e-5 relative (enough for probabilities rounded to bf16): 2^n * p(f)
+// with a degree-4 polynomial on |f| <= 1/2. exp(-inf) is 0: inputs are clamped at -200,
+// whose 2^n underflows to 0.
+inline vfloat vexp_bf16(vfloat x) {
+#if defined(__AVX512F__)
+  __m512 v;
+  std::memcpy(&v, &x, sizeof(v));
+  v = _mm512_mul_ps(_mm512_max_ps(v, _mm512_set1_ps(-200.0f)), _mm512_set1_ps(1.44269504f));
+  const __m512 n = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(v, n);
+  __m512 p = _mm512_set1_ps(9.6181291e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __m512 r = _mm512_scalef_ps(p, n);
+  vfloat out;
+  std::memcpy(&out, &r, sizeof(out));
+  return out;
+#else
+  return vexp(x);
+#endif
+}
+
+inline float reduce_max(vfloat v) {
+#if defined(__AVX512F__)
+  __m512 x;
+  std::memcpy(&x, &v, sizeof(x));
+  return _mm512_reduce_max_ps(x);
+#else
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = m > v[i] ? m : v[i];
+  return m;
+#endif
+}
+
 // tanh(x) = sign(x) (1 - 2 / (exp(2|x|) + 1)); absolute error ~1e-7.
 inline vfloat vtanh(vfloat x) {
   vfloat a = x < 0.0f ? -x : x;

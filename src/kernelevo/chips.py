@@ -44,6 +44,11 @@ class Chip:
     def matches(self, pattern: str) -> bool:
         return fnmatchcase(self.id, pattern)
 
+    @property
+    def amx(self) -> int:
+        """1 when the CPU has AMX-BF16 tile units, else 0."""
+        return int(self.backend == "cpu" and "amx_bf16" in self.isa)
+
 
 @dataclass(frozen=True)
 class Fact:
@@ -64,6 +69,7 @@ FACTS: tuple[Fact, ...] = (
     Fact("peak_gflops", "peak_f32_gflops", "nominal f32 throughput in GFLOP/s"),
     Fact("generation", "generation", "Apple: the M generation (1 for M1, 3 for M3); NVIDIA: "
          "compute capability times ten (90 for Hopper); CPU: 0"),
+    Fact("amx", "amx", "CPU: 1 when the cores have AMX-BF16 tile units (flash dot=amx), else 0"),
 )
 FACT_NAMES: tuple[str, ...] = tuple(f.name for f in FACTS)
 

@@ -22,7 +22,7 @@ from .evaluate import FUNCTIONS, EvalError, partial_truth, try_constant
 
 SUPPORTED_VERSION = 1
 INTEGER_FACTS = {"cores", "simd_width", "vector_registers", "threadgroup_memory", "max_threads",
-                 "generation"}
+                 "generation", "amx"}
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,20 @@ CPU_FLASH = Family(
               "visit only the keys some row of the tile can see (no: every key, masked "
               "element-wise)"),
         SCALE_AT,
+        Param("dot", "choice",
+              "what multiplies: f32 FMAs on the vector units (any dtype), or bf16 tile "
+              "products with f32 accumulation on AMX (bf16 inputs, chips with AMX-BF16)",
+              choices=("fma", "amx")),
     ),
-    constraints=(_threads_fit,),
+    constraints=(
+        _threads_fit,
+        Constraint("bq % 32 == 0 and bk % 32 == 0 when dot=amx (pairs of 16-row tiles)",
+                   lambda p, chip, call: p["dot"] != "amx" or (p["bq"] % 32 == 0 and p["bk"] % 32 == 0)),
+        Constraint("chip.amx == 1 when dot=amx (a CPU with AMX-BF16)",
+                   lambda p, chip, call: p["dot"] != "amx" or chip.cores == 0 or chip.amx == 1),
+        Constraint("dtype == bf16 when dot=amx",
+                   lambda p, chip, call: p["dot"] != "amx" or call["dtype"] == "bf16", on_call=True),
+    ),
 )
 
 CPU_DECODE = Family(

@@ -63,7 +63,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float,
     over all keys, which is what MLX outputs for a row its boolean mask masks fully.
 
     `config` forces one kernel configuration (a KernelConfig or its DSL form, e.g.
-    "flash bq=64 bk=96 threads=2 pack_gqa=yes skip_masked_blocks=yes scale_at=q"); by default
+    "flash bq=64 bk=96 threads=2 pack_gqa=yes skip_masked_blocks=yes scale_at=q dot=fma"); by default
     the heuristics in force for this chip choose.
     """
     if config is None:
