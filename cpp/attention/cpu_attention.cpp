@@ -8,6 +8,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -312,9 +313,12 @@ inline float dot1(const float* q, const float* k, int64_t d_chunks) {
 
 // o[r, 0:CN*16] = o[r, :] * corr[r] + sum_j p[r, j] v[j, 0:CN*16] for RN rows: the
 // accumulators stay in registers while the block's values stream past.
-template <int RN, int CN>
+// o[r, 0:CN*16] = o[r, :] * corr[r] + sum_j p[r, j] v[j, 0:CN*16] for RN rows: the
+// accumulators stay in registers while the block's values stream past (converted to f32
+// as they are loaded).
+template <int RN, int CN, typename V>
 void decode_accumulate(int64_t n, const float* __restrict p, int64_t ldp,
-                       const float* __restrict v, int64_t v_rs, float* __restrict o,
+                       const V* __restrict v, int64_t v_rs, float* __restrict o,
                        int64_t ldo, const float* __restrict corr) {
   vfloat acc[RN][CN];
 #pragma GCC unroll 8
@@ -324,7 +328,7 @@ void decode_accumulate(int64_t n, const float* __restrict p, int64_t ldp,
   for (int64_t j = 0; j < n; ++j) {
     vfloat vv[CN];
 #pragma GCC unroll 4
-    for (int c = 0; c < CN; ++c) vv[c] = load(v + j * v_rs + c * kLanes);
+    for (int c = 0; c < CN; ++c) vv[c] = load16(v + j * v_rs + c * kLanes);
 #pragma GCC unroll 8
     for (int r = 0; r < RN; ++r) {
       const vfloat pr = splat(p[r * ldp + j]);
@@ -340,19 +344,63 @@ void decode_accumulate(int64_t n, const float* __restrict p, int64_t ldp,
 
 constexpr int kAccRows = kRegisters >= 32 ? 6 : 2;  // rows sharing one pass over values
 
-using AccumulateFn = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*,
+template <typename V>
+using AccumulateFn = void (*)(int64_t, const float*, int64_t, const V*, int64_t, float*,
                               int64_t, const float*);
 
-template <int CN, size_t... R>
-constexpr std::array<AccumulateFn, kAccRows> accumulate_rows(std::index_sequence<R...>) {
-  return {{&decode_accumulate<static_cast<int>(R) + 1, CN>...}};
+template <typename V, int CN, size_t... R>
+constexpr std::array<AccumulateFn<V>, kAccRows> accumulate_rows(std::index_sequence<R...>) {
+  return {{&decode_accumulate<static_cast<int>(R) + 1, CN, V>...}};
 }
-template <size_t... C>
-constexpr std::array<std::array<AccumulateFn, kAccRows>, kMaxNV> accumulate_table(
+template <typename V, size_t... C>
+constexpr std::array<std::array<AccumulateFn<V>, kAccRows>, kMaxNV> accumulate_table(
     std::index_sequence<C...>) {
-  return {{accumulate_rows<static_cast<int>(C) + 1>(std::make_index_sequence<kAccRows>{})...}};
+  return {{accumulate_rows<V, static_cast<int>(C) + 1>(std::make_index_sequence<kAccRows>{})...}};
 }
-constexpr auto kAccumulate = accumulate_table(std::make_index_sequence<kMaxNV>{});
+template <typename V>
+constexpr auto kAccumulate = accumulate_table<V>(std::make_index_sequence<kMaxNV>{});
+
+#if defined(__AVX512BF16__)
+// bf16 keys: scores as bf16 pair dot products (VDPBF16PS, exact products, f32 sums)
+// straight from the cache, without converting it; q holds the unscaled bf16 queries.
+inline vfloat dot16_bf16(const bfloat16_t* q, const bfloat16_t* k, int64_t k_rs, int64_t dim) {
+  __m512 acc[kLanes];
+  for (int j = 0; j < kLanes; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 32) {
+    const __mmask32 valid = dim - d >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << (dim - d)) - 1);
+    const __m512bh qv = (__m512bh)_mm512_maskz_loadu_epi16(valid, q + d);
+#pragma GCC unroll 16
+    for (int j = 0; j < kLanes; ++j) {
+      acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_maskz_loadu_epi16(valid, k + j * k_rs + d), qv);
+    }
+  }
+  vfloat out[kLanes];
+  std::memcpy(out, acc, sizeof(out));
+  return reduce_add16(out);
+}
+
+inline float dot1_bf16(const bfloat16_t* q, const bfloat16_t* k, int64_t dim) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 32) {
+    const __mmask32 valid = dim - d >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << (dim - d)) - 1);
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(valid, k + d),
+                           (__m512bh)_mm512_maskz_loadu_epi16(valid, q + d));
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+constexpr bool kBf16Dot = true;
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
+// Asks for a row to be brought into the caches ahead of its use.
+template <typename T>
+void prefetch_row(const T* row, int64_t dim) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < dim * static_cast<int64_t>(sizeof(T)); off += 64) {
+    __builtin_prefetch(bytes + off, 0, 2);
+  }
+}
 
 // Rows of a key or value block as f32 rows of whole vectors: in place when the input is
 // f32 and rows are whole vectors, else converted (zero-padded) into `scratch`.
@@ -401,17 +449,43 @@ void decode_range(const AttentionProblem& p, const DecodeParams& dp, int64_t b, 
     std::fill(o + r * ldo, o + (r + 1) * ldo, 0.0f);
   }
 
+  // bf16 keys are multiplied as they are (VDPBF16PS) and the scores scaled after.
+  constexpr bool bf16_keys = kBf16Dot && std::is_same_v<T, bfloat16_t>;
+  const float score_scale = bf16_keys ? p.scale : 1.0f;
   for (int64_t j0 = k_begin; j0 < k_end; j0 += dp.bk) {
     const int64_t n = std::min<int64_t>(dp.bk, k_end - j0);
-    int64_t k_rs, v_rs;
-    const float* kb = f32_rows<T>(p.k, b, kvh, j0, n, D, ws.k, k_rs);
-    // Scores, 16 keys at a time per row (the block stays in L1 across rows).
+    int64_t k_rs = p.k.strides[2], v_rs;
+    const float* kb = bf16_keys ? nullptr : f32_rows<T>(p.k, b, kvh, j0, n, D, ws.k, k_rs);
+    // Scores, 16 keys at a time per row (the block stays in L1 across rows). The first
+    // row's pass also prefetches the next block, spread over the work.
+    const int64_t ahead = std::min<int64_t>(dp.bk, k_end - j0 - n);
     for (int64_t r = 0; r < R; ++r) {
       float* sr = s + r * bkp;
       int64_t j = 0;
-      for (; j + kLanes <= n; j += kLanes) store(sr + j, dot16(q + r * Dp, kb + j * k_rs, k_rs, d_chunks));
-      for (; j < n; ++j) sr[j] = dot1(q + r * Dp, kb + j * k_rs, d_chunks);
-      if (p.softcap != 0.0f) scale_and_cap(sr, round_up(n, kLanes), 1.0f, p.softcap);
+      for (; j + kLanes <= n; j += kLanes) {
+        if (r == 0) {
+          for (int64_t i = j; i < std::min<int64_t>(j + kLanes, ahead); ++i) {
+            prefetch_row(at<T>(p.k, b, kvh, j0 + n + i), D);
+            prefetch_row(at<T>(p.v, b, kvh, j0 + n + i), Dv);
+          }
+        }
+        if constexpr (bf16_keys) {
+          store(sr + j, dot16_bf16(at<T>(p.q, b, rows.head[r], rows.pos[r]),
+                                   at<T>(p.k, b, kvh, j0 + j), k_rs, D));
+        } else {
+          store(sr + j, dot16(q + r * Dp, kb + j * k_rs, k_rs, d_chunks));
+        }
+      }
+      for (; j < n; ++j) {
+        if constexpr (bf16_keys) {
+          sr[j] = dot1_bf16(at<T>(p.q, b, rows.head[r], rows.pos[r]), at<T>(p.k, b, kvh, j0 + j), D);
+        } else {
+          sr[j] = dot1(q + r * Dp, kb + j * k_rs, d_chunks);
+        }
+      }
+      if (score_scale != 1.0f || p.softcap != 0.0f) {
+        scale_and_cap(sr, round_up(n, kLanes), score_scale, p.softcap);
+      }
       std::fill(sr + n, sr + bkp, kNegInf);
     }
     if (p.mask != MaskKind::none) apply_mask_array<T>(p, b, rows, j0, n, s, bkp, 1);
@@ -448,14 +522,23 @@ void decode_range(const AttentionProblem& p, const DecodeParams& dp, int64_t b, 
       m[r] = m_new;
     }
     // Output: rescale, then add p(r, j) v_j, a group of rows and vectors at a time.
-    const float* vb = f32_rows<T>(p.v, b, kvh, j0, n, Dv, ws.v, v_rs);
-    for (int64_t c0 = 0; c0 < v_chunks; c0 += kMaxNV) {
-      const int cn = static_cast<int>(std::min<int64_t>(kMaxNV, v_chunks - c0));
-      for (int64_t r0 = 0; r0 < R; r0 += kAccRows) {
-        const int rn = static_cast<int>(std::min<int64_t>(kAccRows, R - r0));
-        kAccumulate[cn - 1][rn - 1](n, s + r0 * bkp, bkp, vb + c0 * kLanes, v_rs,
-                                    o + r0 * ldo + c0 * kLanes, ldo, corr + r0);
+    // Values rows of whole vectors are read (and converted) in place, others padded first.
+    auto accumulate = [&](auto* vb) {
+      for (int64_t c0 = 0; c0 < v_chunks; c0 += kMaxNV) {
+        const int cn = static_cast<int>(std::min<int64_t>(kMaxNV, v_chunks - c0));
+        for (int64_t r0 = 0; r0 < R; r0 += kAccRows) {
+          const int rn = static_cast<int>(std::min<int64_t>(kAccRows, R - r0));
+          kAccumulate<std::remove_cv_t<std::remove_pointer_t<decltype(vb)>>>[cn - 1][rn - 1](
+              n, s + r0 * bkp, bkp, vb + c0 * kLanes, v_rs, o + r0 * ldo + c0 * kLanes, ldo,
+              corr + r0);
+        }
       }
+    };
+    if (Dv % kLanes == 0) {
+      v_rs = p.v.strides[2];
+      accumulate(at<T>(p.v, b, kvh, j0));
+    } else {
+      accumulate(f32_rows<T>(p.v, b, kvh, j0, n, Dv, ws.v, v_rs));
     }
   }
 }
