@@ -28,6 +28,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -46,6 +47,30 @@ from kernelevo.tune.verify import TOLERANCE  # noqa: E402
 RESULTS_MD = HERE / "RESULTS.md"
 BEGIN, END = "<!-- bench_attention_cpu: begin -->", "<!-- bench_attention_cpu: end -->"
 MX_DTYPE = {"f32": mx.float32, "bf16": mx.bfloat16}
+
+
+def background_load(seconds: float = 0.3) -> float:
+    """Fraction of the machine's CPU time others used over a short window (Linux)."""
+    def busy():
+        fields = list(map(int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]))
+        return sum(fields) - fields[3] - fields[4], sum(fields)
+    try:
+        b0, t0 = busy()
+        time.sleep(seconds)
+        b1, t1 = busy()
+    except (OSError, ValueError):
+        return 0.0
+    return (b1 - b0) / max(1, t1 - t0)
+
+
+def wait_for_quiet(limit: float = 0.1, max_wait: float = 60.0) -> float:
+    """The machine is shared: wait (up to max_wait seconds) until others use < limit of it
+    before a case, and return what they used (recorded with the case)."""
+    start = time.time()
+    while True:
+        load = background_load()
+        if load < limit or time.time() - start > max_wait:
+            return load
 
 
 def torch_dtype(dtype):
@@ -104,6 +129,7 @@ def prefill(cases, limits, reps):
             return F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal, scale=scale,
                                                   enable_gqa=True)
         error = check(ours(), theirs(), dtype)
+        background = wait_for_quiet()
         paired = time_paired(ours, torch_launch(theirs), reps=reps)
         flops = 4.0 * H * visible_pairs(L, causal) * D
         peak = limits["f32_fma_gflops"] if dtype == "f32" else limits["amx_bf16_gflops"]
@@ -114,7 +140,8 @@ def prefill(cases, limits, reps):
                "speedup_vs_torch": 1.0 / paired.ratio, "ke_spread": paired.candidate.spread,
                "ke_gflops": flops / paired.candidate.median_s / 1e9,
                "torch_gflops": flops / paired.baseline.median_s / 1e9,
-               "peak_gflops": peak, "error_vs_torch": error, "mx_ms": None}
+               "peak_gflops": peak, "error_vs_torch": error, "mx_ms": None,
+               "background": background}
         if flops <= 6e9:  # MLX's unfused CPU SDPA: only where it takes seconds, not minutes
             mlx = time_one(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale,
                                                                          mask=mask), reps=3)
@@ -188,6 +215,7 @@ def decode(cases, limits, reps):
 
         error = check(launchers[0](), F.scaled_dot_product_attention(
             tq, tks[0], tvs[0], scale=scale, enable_gqa=True), dtype)
+        background = wait_for_quiet()
         paired = time_paired(ours, torch_launch(theirs), reps=reps)
         mlx_t = time_one(mlx, reps=max(3, reps // 2))
         row = {"dtype": dtype, "heads": f"{H}/{Hkv}", "D": D, "kv": kv, "config": str(config),
@@ -196,7 +224,8 @@ def decode(cases, limits, reps):
                "speedup_vs_torch": 1.0 / paired.ratio, "ke_spread": paired.candidate.spread,
                "ke_gbs": per_call / paired.candidate.median_s / 1e9,
                "torch_gbs": per_call / paired.baseline.median_s / 1e9,
-               "read_gbs": limits["read_gbs"], "error_vs_torch": error}
+               "read_gbs": limits["read_gbs"], "error_vs_torch": error,
+               "background": background}
         rows.append(row)
         print(_decode_line(row), flush=True)
     return rows
@@ -234,6 +263,7 @@ def memory(dtypes, H, Hkv, L, D):
     rows = []
     for dtype in dtypes:
         for who in ("ke", "torch"):
+            wait_for_quiet()
             out = subprocess.run([sys.executable, __file__, "--memory-probe", who, dtype, str(H),
                                   str(Hkv), str(L), str(D)], check=True, capture_output=True,
                                  text=True).stdout
@@ -270,7 +300,10 @@ def markdown(meta, pre, dec, mem) -> str:
            f"MLX {meta['mlx']}, PyTorch {meta['torch']} ({meta['cores']} threads). Limits "
            f"(`benchmarks/machine_limits.py`): f32 FMA {lim['f32_fma_gflops']:.0f} GFLOP/s, "
            f"AMX bf16 {lim['amx_bf16_gflops']:.0f} GFLOP/s, read {lim['read_gbs']:.1f} GB/s.",
-           f"Command: `{meta['command']}`. Medians of interleaved kernelevo/PyTorch samples; "
+           f"Command: `{meta['command']}`. The machine is shared: each case waits until other "
+           f"processes use < 10% of it (up to a minute); the most they used at the start of a "
+           f"case was {100 * meta['max_background']:.0f}%. Medians of interleaved "
+           "kernelevo/PyTorch samples; "
            "`vs torch` is the median of the per-pair time ratios (> 1: kernelevo faster). "
            "GFLOP/s count visible (query, key) pairs; `% peak` is of the f32 FMA peak for f32 "
            "and of the AMX bf16 peak for bf16. `mx` is MLX's CPU SDPA (unfused, reference "
@@ -324,6 +357,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     parser.add_argument("--record", action="store_true", help="rewrite the section in RESULTS.md")
+    parser.add_argument("--only", choices=("prefill", "decode", "memory"),
+                        help="run one part (not recorded)")
     parser.add_argument("--memory-probe", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
@@ -343,16 +378,22 @@ def main() -> None:
     else:
         shapes = [(32, 8, 128), (32, 8, 64), (16, 8, 128), (16, 8, 64)]
         lengths, kvs, reps = (512, 1024, 2048, 4096), (1024, 4096, 8192, 16384, 32768), 5
-    pre = prefill([(dt, H, Hkv, D, L, causal) for dt in dtypes for H, Hkv, D in shapes
-                   for L in lengths for causal in (True, False)], limits, reps=max(3, reps - 2))
-    dec = decode([(dt, 32, 8, 128, kv) for dt in dtypes for kv in kvs], limits, reps=reps + 2)
+    part = args.only
+    pre = [] if part not in (None, "prefill") else prefill(
+        [(dt, H, Hkv, D, L, causal) for dt in dtypes for H, Hkv, D in shapes for L in lengths
+         for causal in (True, False)], limits, reps=max(3, reps - 2))
+    dec = [] if part not in (None, "decode") else decode(
+        [(dt, 32, 8, 128, kv) for dt in dtypes for kv in kvs], limits, reps=reps + 2)
     mem_shape = (16, 8, 16384, 128)
-    mem = [] if args.quick else memory(dtypes, *mem_shape)
+    mem = [] if args.quick or part not in (None, "memory") else memory(dtypes, *mem_shape)
+    if part:
+        return
     meta = {"chip": chip.id, "cpu": chip.name, "cores": chip.cores, "limits": limits,
             "date": datetime.date.today().isoformat(), "mlx": mx.__version__,
             "torch": torch.__version__, "python": platform.python_version(),
             "command": "python3 benchmarks/bench_attention_cpu.py" + (" --quick" if args.quick else ""),
             "memory_shape": f"{mem_shape[2]}, heads {mem_shape[0]}/{mem_shape[1]}, D {mem_shape[3]}"}
+    meta["max_background"] = max(r["background"] for r in pre + dec)
     section = markdown(meta, pre, dec, mem)
     print()
     print(section)

@@ -242,7 +242,7 @@ void flash(const AttentionProblem& p, const FlashParams& f) {
   // the last frees it (tasks go out head by head, so few heads are packed at a time).
   struct Packed {
     std::once_flag once;
-    AmxPackedHead head;
+    AmxHeadPtr head;
     std::atomic<int64_t> users;
   };
   std::unique_ptr<Packed[]> packed(f.amx ? new Packed[p.batch * p.kv_heads] : nullptr);
@@ -261,9 +261,9 @@ void flash(const AttentionProblem& p, const FlashParams& f) {
       return;
     }
     Packed& kv = packed[b * p.kv_heads + h0 / g.group];
-    std::call_once(kv.once, [&] { amx_pack_head(p, b, h0 / g.group, kv.head); });
-    flash_amx_tile(p, g, f, kv.head, b, h0, pack, t0, t1);
-    if (--kv.users == 0) kv.head = AmxPackedHead{};
+    std::call_once(kv.once, [&] { kv.head = amx_pack_head(p, b, h0 / g.group); });
+    flash_amx_tile(p, g, f, *kv.head, b, h0, pack, t0, t1);
+    if (--kv.users == 0) kv.head.reset();
   });
 }
 

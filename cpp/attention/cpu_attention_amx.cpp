@@ -87,6 +87,8 @@ inline void transpose16(__m512i r[16]) {
 struct AmxWorkspace {
   Rows rows;
   Buffer q, s, p, o, stats;
+  std::vector<int32_t> span;       // per row: the visible keys of the block, [2r], [2r + 1]
+  std::vector<int32_t> pair_span;  // per pair of row tiles: the union of their rows' spans
 };
 
 // All keys of a head as B tiles: tile (jt, c) holds dims [32c, 32c + 32) of keys
@@ -152,14 +154,40 @@ bool amx_available(std::string* why) {
   return granted;
 }
 
-void amx_pack_head(const AttentionProblem& p, int64_t b, int64_t kvh, AmxPackedHead& head) {
+namespace {
+
+std::mutex pool_mutex;
+std::vector<AmxPackedHead*> pool;  // at most a few idle buffers, kept for the next call
+
+AmxPackedHead* take_from_pool() {
+  std::lock_guard<std::mutex> lock(pool_mutex);
+  if (pool.empty()) return new AmxPackedHead();
+  AmxPackedHead* head = pool.back();
+  pool.pop_back();
+  return head;
+}
+
+}  // namespace
+
+void ReleaseHead::operator()(AmxPackedHead* head) const {
+  std::lock_guard<std::mutex> lock(pool_mutex);
+  if (pool.size() < 4) {
+    pool.push_back(head);
+  } else {
+    delete head;
+  }
+}
+
+AmxHeadPtr amx_pack_head(const AttentionProblem& p, int64_t b, int64_t kvh) {
+  AmxHeadPtr head(take_from_pool());
   const int64_t keys = round_up(p.kv_len, 32);
   const int64_t dim_chunks = round_up(std::max<int64_t>(p.head_dim, 1), 32) / 32;
   const int64_t v_tiles = round_up(p.v_dim, 32) / 16;
-  head.k.resize(static_cast<size_t>(keys * dim_chunks * 32));
-  head.v.resize(static_cast<size_t>(keys * v_tiles * 16));
-  pack_keys(p, b, kvh, keys / 16, dim_chunks, head.k.data());
-  pack_values(p, b, kvh, keys / 32, v_tiles, head.v.data());
+  bf16* k = bf16_buffer(head->k, keys * dim_chunks * 32);
+  bf16* v = bf16_buffer(head->v, keys * v_tiles * 16);
+  pack_keys(p, b, kvh, keys / 16, dim_chunks, k);
+  pack_values(p, b, kvh, keys / 32, v_tiles, v);
+  return head;
 }
 
 void flash_amx_tile(const AttentionProblem& p, const Geometry& g, const FlashParams& f,
@@ -198,6 +226,10 @@ void flash_amx_tile(const AttentionProblem& p, const Geometry& g, const FlashPar
   std::fill(o, o + Rp * Dvq, 0.0f);
   float* s = ws.s.get(static_cast<size_t>(Rp * bk));
   bf16* pm = bf16_buffer(ws.p, Rp * bk);
+  ws.span.resize(static_cast<size_t>(2 * Rp));
+  ws.pair_span.resize(static_cast<size_t>(row_tiles));
+  int32_t* span = ws.span.data();
+  int32_t* pair_span = ws.pair_span.data();
   std::fill(pm + R * bk, pm + Rp * bk, bf16{0});  // padding rows: no weight
 
   // Blocks start at multiples of 32 keys, where the packed tiles start.
@@ -211,13 +243,42 @@ void flash_amx_tile(const AttentionProblem& p, const Geometry& g, const FlashPar
 
   for (int64_t j0 = k_lo; j0 < k_hi; j0 += bk) {
     const int64_t n = std::min<int64_t>(bk, k_hi - j0);
-    const int64_t nb = round_up(n, 32), key_tiles = nb / 16, key_chunks = nb / 32;
-    const bf16* kt = head.k.data() + (j0 / 16) * dim_chunks * kTileElems;  // (jt, c) tiles
-    const bf16* vt = head.v.data() + (j0 / 32) * v_tiles * kTileElems;     // (kc, t) tiles
+    const int64_t nb = round_up(n, 32);
+    const bf16* kt = reinterpret_cast<const bf16*>(head.k.data.get()) +
+                     (j0 / 16) * dim_chunks * kTileElems;  // (jt, c) tiles
+    const bf16* vt = reinterpret_cast<const bf16*>(head.v.data.get()) +
+                     (j0 / 32) * v_tiles * kTileElems;  // (kc, t) tiles
+
+    // Causal and window masks leave each row a range of visible keys: work only on the
+    // 32-key chunks it overlaps (its probabilities elsewhere are 0), and on the chunks
+    // some row of a pair of row tiles overlaps.
+    const bool partial = rows.partial(j0, j0 + n);
+    for (int64_t r = 0; r < Rp; ++r) {
+      int64_t jb = 0, je = nb;
+      if (r >= R) {
+        je = 0;  // padding rows
+      } else if (partial) {
+        jb = std::clamp<int64_t>(rows.lo[r] - j0, 0, nb) / 32 * 32;
+        je = std::max(jb, round_up(std::clamp<int64_t>(rows.hi[r] - j0, 0, n), 32));
+      }
+      span[2 * r] = static_cast<int32_t>(jb);
+      span[2 * r + 1] = static_cast<int32_t>(je);
+    }
+    for (int64_t i = 0; i < row_tiles; i += 2) {
+      int32_t lo = static_cast<int32_t>(nb), hi = 0;
+      for (int64_t r = i * 16; r < (i + 2) * 16; ++r) {
+        if (span[2 * r] < span[2 * r + 1]) {
+          lo = std::min(lo, span[2 * r]);
+          hi = std::max(hi, span[2 * r + 1]);
+        }
+      }
+      pair_span[i] = lo;
+      pair_span[i + 1] = std::max(lo, hi);
+    }
 
     // scores = q k^T, 2 x 2 tiles at a time
     for (int64_t i = 0; i < row_tiles; i += 2) {
-      for (int64_t jt = 0; jt < key_tiles; jt += 2) {
+      for (int64_t jt = pair_span[i] / 16; jt < pair_span[i + 1] / 16; jt += 2) {
         _tile_zero(0);
         _tile_zero(1);
         _tile_zero(2);
@@ -242,16 +303,19 @@ void flash_amx_tile(const AttentionProblem& p, const Geometry& g, const FlashPar
 
     // Scale, softcap, masks; then the online softmax per row, p stored as bf16.
     if (post_scale != 1.0f || p.softcap != 0.0f) {
-      for (int64_t r = 0; r < R; ++r) scale_and_cap(s + r * bk, nb, post_scale, p.softcap);
+      for (int64_t r = 0; r < R; ++r) {
+        scale_and_cap(s + r * bk + span[2 * r], span[2 * r + 1] - span[2 * r], post_scale,
+                      p.softcap);
+      }
     }
     if (p.mask != MaskKind::none) apply_mask_array<bfloat16_t>(p, b, rows, j0, n, s, bk, 1);
     // Row maxima (after hiding keys past the block and those the row may not see), then
     // the new running maxima and corrections for 16 rows at a time.
-    const bool partial = rows.partial(j0, j0 + n);
     for (int64_t r = 0; r < R; ++r) {
       float* sr = s + r * bk;
+      const int64_t jb = span[2 * r], je = span[2 * r + 1];
       vfloat big = splat(kNegInf);
-      for (int64_t j = 0; j < nb; j += kLanes) {
+      for (int64_t j = jb; j < je; j += kLanes) {
         const vint key = iota() + static_cast<int32_t>(j);
         vint hidden = key >= static_cast<int32_t>(n);
         if (partial) {
@@ -277,9 +341,12 @@ void flash_amx_tile(const AttentionProblem& p, const Geometry& g, const FlashPar
     for (int64_t r = 0; r < R; ++r) {
       const float* sr = s + r * bk;
       bf16* pr = pm + r * bk;
+      const int64_t jb = span[2 * r], je = span[2 * r + 1];
+      std::fill(pr, pr + jb, bf16{0});
+      std::fill(pr + je, pr + nb, bf16{0});
       const vfloat top = splat(shift[r]);
       vfloat sum = {};
-      for (int64_t j = 0; j < nb; j += 2 * kLanes) {
+      for (int64_t j = jb; j < je; j += 2 * kLanes) {
         const vfloat e0 = vexp_bf16(load(sr + j) - top);
         const vfloat e1 = vexp_bf16(load(sr + j + kLanes) - top);
         sum += e0 + e1;
@@ -306,7 +373,7 @@ void flash_amx_tile(const AttentionProblem& p, const Geometry& g, const FlashPar
         _tile_loadd(1, c0 + 16, Dvq * 4);
         _tile_loadd(2, c0 + 16 * Dvq, Dvq * 4);
         _tile_loadd(3, c0 + 16 * Dvq + 16, Dvq * 4);
-        for (int64_t kc = 0; kc < key_chunks; ++kc) {
+        for (int64_t kc = pair_span[i] / 32; kc < pair_span[i + 1] / 32; ++kc) {
           _tile_loadd(4, pm + i * 16 * bk + kc * 32, bk * 2);
           _tile_loadd(5, pm + (i + 1) * 16 * bk + kc * 32, bk * 2);
           _tile_loadd(6, vt + (kc * v_tiles + t) * kTileElems, 64);
@@ -335,7 +402,11 @@ bool amx_available(std::string* why) {
   return false;
 }
 
-void amx_pack_head(const AttentionProblem&, int64_t, int64_t, AmxPackedHead&) {
+void ReleaseHead::operator()(AmxPackedHead* head) const {
+  delete head;
+}
+
+AmxHeadPtr amx_pack_head(const AttentionProblem&, int64_t, int64_t) {
   throw std::invalid_argument("this build has no AMX kernels");
 }
 

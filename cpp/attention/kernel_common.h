@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -98,12 +99,17 @@ template <typename T>
 void write_row(const AttentionProblem& p, int64_t b, int64_t head, int64_t pos,
                const float* o, int64_t stride, float l, const float* masked_row) {
   T* dst = static_cast<T*>(p.out) + ((b * p.heads + head) * p.q_len + pos) * p.v_dim;
-  if (l > 0.0f) {
-    const float inv = 1.0f / l;
-    for (int64_t d = 0; d < p.v_dim; ++d) dst[d] = T(o[d * stride] * inv);
-  } else {
-    for (int64_t d = 0; d < p.v_dim; ++d) dst[d] = T(masked_row[d]);
+  if (!(l > 0.0f)) {
+    store_scaled(masked_row, p.v_dim, 1.0f, dst);
+    return;
   }
+  if (stride != 1) {  // a column of a transposed accumulator: gather it first
+    thread_local std::vector<float> row;
+    row.resize(p.v_dim);
+    for (int64_t d = 0; d < p.v_dim; ++d) row[d] = o[d * stride];
+    o = row.data();
+  }
+  store_scaled(o, p.v_dim, 1.0f / l, dst);
 }
 
 // Finishes rows [0, rows.count) of a task from its accumulators: row r's value d at
@@ -194,11 +200,16 @@ struct FlashParams {
 bool amx_available(std::string* why = nullptr);
 
 // The keys and values of one key/value head as AMX tiles, packed once per call and head
-// and shared by the flash tiles of all its query heads.
+// and shared by the flash tiles of all its query heads. Buffers come from a small pool
+// reused across calls (fresh pages for every call cost page faults).
 struct AmxPackedHead {
-  std::vector<uint16_t> k, v;
+  Buffer k, v;  // bf16 tiles (as raw 16-bit values)
 };
-void amx_pack_head(const AttentionProblem& p, int64_t b, int64_t kvh, AmxPackedHead& head);
+struct ReleaseHead {
+  void operator()(AmxPackedHead* head) const;  // back to the pool
+};
+using AmxHeadPtr = std::unique_ptr<AmxPackedHead, ReleaseHead>;
+AmxHeadPtr amx_pack_head(const AttentionProblem& p, int64_t b, int64_t kvh);
 
 // One flash tile (rows [t0, t1) of the unit at head h0) with AMX; bf16 inputs only.
 void flash_amx_tile(const AttentionProblem& p, const Geometry& g, const FlashParams& f,

@@ -97,6 +97,34 @@ inline vfloat load_partial(const T* p, int n) {
   return load(tmp);
 }
 
+// dst[i] = T(src[i] * scale) for n values, rounding to nearest even as MLX does.
+inline void store_scaled(const float* src, int64_t n, float scale, float* dst) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store(dst + i, load(src + i) * scale);
+  for (; i < n; ++i) dst[i] = src[i] * scale;
+}
+inline void store_scaled(const float* src, int64_t n, float scale, bfloat16_t* dst) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  for (; i + kLanes <= n; i += kLanes) {
+    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(src + i), _mm512_set1_ps(scale));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(x));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = bfloat16_t(src[i] * scale);
+}
+inline void store_scaled(const float* src, int64_t n, float scale, float16_t* dst) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + kLanes <= n; i += kLanes) {
+    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(src + i), _mm512_set1_ps(scale));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = float16_t(src[i] * scale);
+}
+
 // Converts n values to f32 (dst may hold more; only n are written).
 template <typename T>
 inline void to_f32(const T* src, int64_t n, float* dst) {
