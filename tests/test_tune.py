@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import mlx.core as mx
-import pytest
 
 import kernelevo as ke
 from kernelevo import chips

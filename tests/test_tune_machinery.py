@@ -111,7 +111,6 @@ def test_two_runs_at_once_share_one_database():
     with Database(database_path()) as db:
         assert [r.status for r in db.runs()] == ["finished", "finished"]
         rows = db.measurements()
-        keys = [(m.shape_key, m.config, m.phase) for m in rows]
         assert len(rows) >= 2 * 3 * 3  # both runs' work is there
 
 
