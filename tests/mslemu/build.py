@@ -32,10 +32,10 @@ CXX = os.environ.get("MSLEMU_CXX", "g++")
 
 COMMON_FLAGS = ["-std=c++20", "-fno-pie", "-fno-omit-frame-pointer", "-fno-strict-aliasing", "-fwrapv",
                 "-I", str(INCLUDE)]
-# Every memory access of the kernel becomes a call to __asan_{load,store}N_noabort, which
-# the runtime implements; no shadow memory, stack or global instrumentation.
-INSTRUMENT_FLAGS = ["-fsanitize=kernel-address", "--param", "asan-instrumentation-with-call-threshold=0",
-                    "--param", "asan-stack=0", "--param", "asan-globals=0"]
+# Every load and store of the kernel becomes a call to __tsan_{read,write}N, which the
+# runtime implements (GCC's ThreadSanitizer instrumentation without its library: unlike
+# the AddressSanitizer's, it reports reads and writes apart and merges no checks).
+INSTRUMENT_FLAGS = ["-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0"]
 KERNEL_FLAGS = ["-O2", "-g1", "-w", "-Wno-attributes", "-Wno-unknown-pragmas", *INSTRUMENT_FLAGS]
 RUNTIME_FLAGS = ["-O2", "-g1", "-pthread"]
 
@@ -47,7 +47,7 @@ def compiler_version() -> str:
     except (OSError, subprocess.CalledProcessError) as e:
         raise CompileError(f"mslemu needs GCC >= 12 as {CXX!r} (set MSLEMU_CXX): {e}") from None
     if "clang" in out.lower() or not re.search(r"\b(1[2-9]|[2-9]\d)\.\d+", out.splitlines()[0]):
-        raise CompileError(f"mslemu needs GCC >= 12 (kernel-address instrumentation hooks, _Float16); found: "
+        raise CompileError(f"mslemu needs GCC >= 12 (thread-sanitizer instrumentation hooks, _Float16); found: "
                            f"{out.splitlines()[0]}")
     return out.splitlines()[0]
 
@@ -146,6 +146,7 @@ def build_kernel(kernel_name: str, metal_source: str, translation_unit: str) -> 
             raise _compile_error(r.stderr, kernel_name, tmp)
         _run_compiler([CXX, "-no-pie", "-pthread", "kernel.o", str(runtime_object()), "-o", "kernel"], tmp,
                       "linking the kernel")
+        (tmp / "sites.txt").write_text(_site_table(tmp / "kernel"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -170,6 +171,42 @@ def _compile_error(stderr: str, kernel_name: str, directory: Path) -> CompileErr
         head += f": {m.group(2)} at {location}\n    {line} | {code.strip()}"
     return CompileError(f"{head}\n{_trim(stderr)}", location=location, line=line, code=code,
                         source_path=str(directory / f"{kernel_name}.metal"), details={"stderr": stderr})
+
+
+# Functions of the runtime and the C++ library: their calls are never a kernel's call site.
+_NOT_KERNEL = re.compile(r"^(_ZN6mslemu|_ZNSt|_ZSt|_ZNKSt|_ZN9__gnu_cxx|__tsan|main$|_start|_init|_fini|frame_dummy|"
+                         r"register_tm_clones|deregister_tm_clones|__do_global|__libc|_dl_|.*@plt)")
+
+
+def _site_table(executable: Path) -> str:
+    """Call sites of the kernel, grouped by source position: "<return address> <id>" lines.
+
+    The runtime tells apart the barriers and collectives threads wait at by the return
+    addresses of the calls. The compiler may duplicate a call (jump threading) or merge
+    two calls from different lines (tail merging); two return addresses that map to the
+    same chain of (file, line) positions, inlined calls included, are the same site."""
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-w", str(executable)], capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    returns, in_kernel, pending = [], False, False
+    for line in asm:
+        if m := re.match(r"^[0-9a-f]+ <(.+)>:$", line):
+            in_kernel, pending = not _NOT_KERNEL.match(m.group(1)), False
+            continue
+        m = re.match(r"^\s*([0-9a-f]+):\s+(\S+)\s*(.*)$", line)
+        if not m:
+            continue
+        if pending:
+            returns.append(m.group(1))
+        pending = in_kernel and m.group(2).startswith("call") and "__tsan" not in m.group(3)
+    if not returns:
+        return ""
+    frames = symbolize(executable, [[f"0x{r}"] for r in returns])
+    ids: dict[tuple, int] = {}
+    rows = []
+    for r, chain in zip(returns, frames):
+        key = tuple((os.path.basename(f), line) for _, f, line in chain)
+        rows.append(f"{r} {ids.setdefault(key, len(ids) + 1)}")
+    return "\n".join(rows) + "\n"
 
 
 def symbolize(executable: Path, chains: list[list[str]]) -> list[list[tuple[str, str, int]]]:

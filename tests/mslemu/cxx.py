@@ -187,7 +187,7 @@ def rewrite_threadgroup_declarations(text: str, first_site: int = 0) -> tuple[st
             decl = d[len(type_tokens) :] if k == 0 else d
             if any(t.text == "=" for t in decl) or any(t.text == "{" for t in decl):
                 raise RewriteError(f"{where}: MSL does not allow an initializer on a threadgroup variable")
-            if not decl or decl[0].kind != "ident" or any(t.text in ("*", "&") for t in decl):
+            if not decl or decl[0].kind != "ident" or (len(decl) > 1 and decl[1].text != "["):
                 raise RewriteError(
                     f"{where}: cannot rewrite threadgroup declaration {text[tok.start:tokens[j-1].end]!r}; "
                     "declare one threadgroup array or scalar per statement"

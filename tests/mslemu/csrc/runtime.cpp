@@ -9,8 +9,8 @@
 //   the divergence or deadlock with each group's call site.
 // * Fibers are resumed in forward, reverse or seeded random order, so a missing barrier
 //   changes results between schedules.
-// * Every load and store of the kernel calls one of the __asan_* hooks below (GCC's
-//   -fsanitize=kernel-address with all checks as calls): device accesses are
+// * Every load and store of the kernel calls one of the __tsan_* hooks below (GCC's
+//   -fsanitize=thread instrumentation, no TSan library): device accesses are
 //   bounds-checked per buffer and counted; threadgroup accesses are checked against the
 //   declared variables, for reads of uninitialised bytes and for races (a read, or write,
 //   of a byte another thread wrote, or read, since the last barrier that orders them).
@@ -88,6 +88,35 @@ __attribute__((noinline)) Chain chain_from(void* frame) {
     fp = next;
   }
   return c;
+}
+
+// Return address -> source-position id (sites.txt, written by build.py): calls the
+// compiler duplicated or merged compare by where they are in the source.
+std::vector<std::pair<uintptr_t, uintptr_t>> g_site_ids;
+
+void load_site_ids() {
+  char exe[4096];
+  const ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+  if (n <= 0) return;
+  std::string path(exe, size_t(n));
+  path = path.substr(0, path.rfind('/') + 1) + "sites.txt";
+  FILE* f = fopen(path.c_str(), "r");
+  if (!f) return;
+  unsigned long pc, id;
+  while (fscanf(f, "%lx %lu", &pc, &id) == 2) g_site_ids.emplace_back(pc, id);
+  fclose(f);
+  std::sort(g_site_ids.begin(), g_site_ids.end());
+}
+
+// The chain with every known return address replaced by its source-position id.
+Chain site_key(const Chain& c) {
+  Chain k = c;
+  for (int i = 0; i < k.n; i++) {
+    const uintptr_t pc = reinterpret_cast<uintptr_t>(k.pc[i]);
+    auto it = std::lower_bound(g_site_ids.begin(), g_site_ids.end(), std::make_pair(pc, uintptr_t(0)));
+    if (it != g_site_ids.end() && it->first == pc) k.pc[i] = reinterpret_cast<const void*>(it->second);
+  }
+  return k;
 }
 
 std::string chain_json(const Chain& c) {
@@ -192,7 +221,8 @@ struct Fiber {
   ThreadAttrs attrs;
   uint32_t lid = 0, sg = 0, lane = 0;
   State state = State::runnable;
-  Chain site;
+  Chain site;      // return addresses of the call it waits at (for reports)
+  Chain site_key;  // the same call by source position (for comparisons)
   const char* site_name = "";
   Collective kind = Collective::reduce;
   uint32_t collectives = 0;  // completed collectives (picks the exchange buffer)
@@ -251,6 +281,7 @@ struct Worker {
   // For the watchdog: where the fiber was when it was interrupted.
   std::atomic<bool> interrupted{false};
   Chain interrupted_at;
+  const void* last_pc = nullptr;  // the kernel's latest memory access or atomic
   volatile bool running = false;
 };
 
@@ -398,7 +429,7 @@ const char* state_verb(State s) {
     case State::done:
       return "have returned";
     default:
-      return "are running";
+      return "wait for their turn (a thread runs until it reaches a barrier, a collective or its end)";
   }
 }
 
@@ -406,7 +437,7 @@ const char* state_verb(State s) {
 std::string describe_threads(const Worker& w, const std::vector<uint32_t>& lids, std::vector<Chain>& sites) {
   struct Group {
     State state;
-    Chain site;
+    Chain site, key;
     const char* name;
     std::vector<uint32_t> ids;
   };
@@ -414,10 +445,10 @@ std::string describe_threads(const Worker& w, const std::vector<uint32_t>& lids,
   for (uint32_t lid : lids) {
     const Fiber& f = w.fibers[lid];
     auto it = std::find_if(groups.begin(), groups.end(), [&](const Group& g) {
-      return g.state == f.state && (f.state == State::done || g.site == f.site);
+      return g.state == f.state && (f.state == State::done || g.key == f.site_key);
     });
     if (it == groups.end()) {
-      groups.push_back({f.state, f.site, f.site_name, {lid}});
+      groups.push_back({f.state, f.site, f.site_key, f.site_name, {lid}});
     } else {
       it->ids.push_back(lid);
     }
@@ -453,7 +484,7 @@ void resolve(Worker& w) {
       if (f.state == State::done) continue;
       if (!lead) {
         lead = &f;
-      } else if (f.state != lead->state || !(f.site == lead->site)) {
+      } else if (f.state != lead->state || !(f.site_key == lead->site_key)) {
         uniform = false;
       }
       active |= 1u << (l - first);
@@ -491,7 +522,7 @@ void resolve(Worker& w) {
     if (f.state != State::barrier) all_barrier = false;
     if (!lead) {
       lead = &f;
-    } else if (!(f.site == lead->site)) {
+    } else if (!(f.site_key == lead->site_key)) {
       same_site = false;
     }
   }
@@ -586,7 +617,7 @@ void run_threadgroup(Worker& w, U3 pos) {
     f.lane = lid % kSimdWidth;
     f.state = State::runnable;
     f.collectives = 0;
-    f.site = Chain{};
+    f.site = f.site_key = Chain{};
     prepare_fiber(w, f);
   }
   for (;;) {
@@ -641,6 +672,7 @@ void device_access(uintptr_t a, size_t n, bool write, void* frame) {
   const size_t rel = a - reinterpret_cast<uintptr_t>(B.base);
   if (rel + n > B.size) device_out_of_bounds(a, n, write, frame);
   Worker& w = *tls_worker;
+  w.last_pc = static_cast<void**>(frame)[1];
   if (write) {
     w.counters.written[b] += n;
     for (size_t i = 0; i < n; i++) (*B.write_flags)[rel + i].store(1, std::memory_order_relaxed);
@@ -684,6 +716,7 @@ void threadgroup_access(uintptr_t a, size_t n, bool write, void* frame, bool ato
     fail("out_of_bounds", format("%s of another threadgroup's memory at {site:0}", kAccess[write]), sites);
   }
   Fiber& f = *w.current;
+  w.last_pc = static_cast<void**>(frame)[1];
   for (size_t i = 0; i < n; i++) {
     if (!w.allocated[off + i]) {
       std::vector<Chain> sites{chain_from(frame)};
@@ -795,6 +828,7 @@ Exchange simd_collective(Collective what, const char* name, const void* data, ui
   std::memcpy(base + f.lane * kSlotBytes, data, nbytes);
   f.state = State::collective;
   f.site = chain_from(__builtin_frame_address(0));
+  f.site_key = site_key(f.site);
   f.site_name = name;
   f.kind = what;
   yield_to_scheduler(w, f);
@@ -807,6 +841,7 @@ void threadgroup_barrier(uint32_t) {
   Fiber& f = *w.current;
   f.state = State::barrier;
   f.site = chain_from(__builtin_frame_address(0));
+  f.site_key = site_key(f.site);
   f.site_name = "threadgroup_barrier";
   yield_to_scheduler(w, f);
 }
@@ -816,6 +851,7 @@ void simdgroup_barrier(uint32_t) {
   Fiber& f = *w.current;
   f.state = State::simd_barrier;
   f.site = chain_from(__builtin_frame_address(0));
+  f.site_key = site_key(f.site);
   f.site_name = "simdgroup_barrier";
   yield_to_scheduler(w, f);
   f.collectives++;
@@ -850,6 +886,7 @@ uint64_t atomic_op(void* p, AtomicOp op, AtomicType type, uint64_t a, uint64_t b
   void* frame = __builtin_frame_address(0);
   Worker& w = *tls_worker;
   w.counters.atomics++;
+  w.last_pc = static_cast<void**>(frame)[1];
   const bool writes = op != AtomicOp::load;
   if (addr - g_dev_lo < g_dev_span) {
     if (op != AtomicOp::store) device_access(addr, n, false, frame);
@@ -928,13 +965,21 @@ uint64_t atomic_op(void* p, AtomicOp op, AtomicType type, uint64_t a, uint64_t b
 
 // ---------------------------------------------------------------- instrumentation hooks
 
+// GCC's -fsanitize=thread instrumentation (without its runtime library) calls these for
+// every load and store of the kernel, reads and writes apart, never merged.
 using mslemu::check_access;
-#define MSLEMU_HOOKS(n)                                                             \
-  extern "C" void __asan_load##n##_noabort(uintptr_t a) {                           \
-    check_access(a, n, false, __builtin_frame_address(0));                          \
-  }                                                                                 \
-  extern "C" void __asan_store##n##_noabort(uintptr_t a) {                          \
-    check_access(a, n, true, __builtin_frame_address(0));                           \
+#define MSLEMU_HOOKS(n)                                                    \
+  extern "C" void __tsan_read##n(void* a) {                                \
+    check_access(uintptr_t(a), n, false, __builtin_frame_address(0));      \
+  }                                                                        \
+  extern "C" void __tsan_write##n(void* a) {                               \
+    check_access(uintptr_t(a), n, true, __builtin_frame_address(0));       \
+  }                                                                        \
+  extern "C" void __tsan_unaligned_read##n(void* a) {                      \
+    check_access(uintptr_t(a), n, false, __builtin_frame_address(0));      \
+  }                                                                        \
+  extern "C" void __tsan_unaligned_write##n(void* a) {                     \
+    check_access(uintptr_t(a), n, true, __builtin_frame_address(0));       \
   }
 MSLEMU_HOOKS(1)
 MSLEMU_HOOKS(2)
@@ -942,13 +987,15 @@ MSLEMU_HOOKS(4)
 MSLEMU_HOOKS(8)
 MSLEMU_HOOKS(16)
 #undef MSLEMU_HOOKS
-extern "C" void __asan_loadN_noabort(uintptr_t a, size_t n) {
-  check_access(a, n, false, __builtin_frame_address(0));
+extern "C" void __tsan_read_range(void* a, size_t n) {
+  check_access(uintptr_t(a), n, false, __builtin_frame_address(0));
 }
-extern "C" void __asan_storeN_noabort(uintptr_t a, size_t n) {
-  check_access(a, n, true, __builtin_frame_address(0));
+extern "C" void __tsan_write_range(void* a, size_t n) {
+  check_access(uintptr_t(a), n, true, __builtin_frame_address(0));
 }
-extern "C" void __asan_handle_no_return() {}
+extern "C" void __tsan_init() {}
+extern "C" void __tsan_func_entry(void*) {}
+extern "C" void __tsan_func_exit() {}
 
 // ---------------------------------------------------------------- the dispatch
 
@@ -1076,6 +1123,7 @@ void on_watchdog(int, siginfo_t*, void* uc) {
     Chain rest = chain_from(reinterpret_cast<void*>(u->uc_mcontext.gregs[REG_RBP]));
     for (int i = 0; i < rest.n && c.n < kMaxChain; i++) c.pc[c.n++] = rest.pc[i];
 #endif
+    if (c.n < kMaxChain && w->last_pc) c.pc[c.n++] = w->last_pc;
     w->interrupted_at = c;
     w->interrupted = true;
   }
@@ -1112,6 +1160,9 @@ void on_crash(int sig, siginfo_t* info, void* uc) {
   std::string what;
   if (sig == SIGFPE) {
     what = "integer division by zero (or overflow) at {site:0}";
+  } else if (sig == SIGILL) {
+    what = "trap at {site:0}: the compiler turns some undefined behaviour (e.g. a division by a constant zero) "
+           "into a trap";
   } else if (addr - g_stack_lo < g_stack_span) {
     what = format("stack overflow of a GPU thread at {site:0}: the emulator gives each thread %zu bytes of stack",
                   g_opt.stack_bytes);
@@ -1229,6 +1280,7 @@ int run(int argc, char** argv) {
   if (argc != 3) usage_error("usage: <kernel> REQUEST RESPONSE_PREFIX");
   g_response_prefix = argv[2];
   load_request(argv[1]);
+  load_site_ids();
   const U3 grid = g_opt.grid, g = g_opt.group;
   if (!grid.x || !grid.y || !grid.z || !g.x || !g.y || !g.z) usage_error("empty grid or threadgroup");
   // MLX dispatches min(threadgroup, grid) per dimension, with ragged edge threadgroups.

@@ -27,7 +27,8 @@
 #define threadgroup_imageblock
 #define ray_data
 #define object_data
-#define METAL_FUNC inline
+// Apple's definition; it also keeps every collective's call site in the kernel's body.
+#define METAL_FUNC inline __attribute__((always_inline))
 #define __METAL__ 1
 #define __METAL_VERSION__ 320
 #define __HAVE_BFLOAT__ 1

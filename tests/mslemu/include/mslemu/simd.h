@@ -7,6 +7,9 @@
 #include "mslemu/math.h"
 #include "mslemu/runtime.h"
 
+// Collectives are inlined so that the runtime sees the kernel's call site.
+#define MSLEMU_INLINE inline __attribute__((always_inline))
+
 namespace metal {
 
 // ---- barriers ----
@@ -21,10 +24,10 @@ enum class mem_flags : uint32_t {
 constexpr mem_flags operator|(mem_flags a, mem_flags b) {
   return mem_flags(uint32_t(a) | uint32_t(b));
 }
-inline void threadgroup_barrier(mem_flags f) {
+MSLEMU_INLINE void threadgroup_barrier(mem_flags f) {
   mslemu::threadgroup_barrier(uint32_t(f));
 }
-inline void simdgroup_barrier(mem_flags f) {
+MSLEMU_INLINE void simdgroup_barrier(mem_flags f) {
   mslemu::simdgroup_barrier(uint32_t(f));
 }
 
@@ -35,7 +38,7 @@ using mslemu::Exchange;
 using mslemu::kSimdWidth;
 
 template <class T>
-Exchange exchange(Collective what, const char* name, const T& v) {
+MSLEMU_INLINE Exchange exchange(Collective what, const char* name, const T& v) {
   static_assert(sizeof(T) <= mslemu::kSlotBytes, "mslemu: value too large for a SIMD collective");
   return mslemu::simd_collective(what, name, &v, sizeof(T));
 }
@@ -104,7 +107,7 @@ T bit_xor(T a, T b) {
 // ---- reductions and scans ----
 #define MSLEMU_SIMD_REDUCE(name, op)                                                     \
   template <class T>                                                                     \
-  T name(T x) {                                                                          \
+  MSLEMU_INLINE T name(T x) {                                                            \
     auto ex = detail::exchange(mslemu::Collective::reduce, #name, x);                    \
     return detail::tree_reduce<T>(ex, [](T a, T b) { return op; });                     \
   }
@@ -119,7 +122,7 @@ MSLEMU_SIMD_REDUCE(simd_xor, detail::bit_xor(a, b))
 
 #define MSLEMU_SIMD_SCAN(name, op, inclusive, identity)                                  \
   template <class T>                                                                     \
-  T name(T x) {                                                                          \
+  MSLEMU_INLINE T name(T x) {                                                            \
     auto ex = detail::exchange(mslemu::Collective::prefix, #name, x);                    \
     return detail::scan<T>(ex, [](T a, T b) { return op; }, inclusive, T(identity));    \
   }
@@ -131,45 +134,45 @@ MSLEMU_SIMD_SCAN(simd_prefix_exclusive_product, a * b, false, 1)
 
 // ---- shuffles and broadcasts ----
 template <class T>
-T simd_shuffle(T x, ushort lane) {
+MSLEMU_INLINE T simd_shuffle(T x, ushort lane) {
   auto ex = detail::exchange(mslemu::Collective::shuffle, "simd_shuffle", x);
   return detail::shuffle_from<T>(ex, lane);
 }
 template <class T>
-T simd_broadcast(T x, ushort lane) {
+MSLEMU_INLINE T simd_broadcast(T x, ushort lane) {
   auto ex = detail::exchange(mslemu::Collective::shuffle, "simd_broadcast", x);
   return detail::shuffle_from<T>(ex, lane);
 }
 template <class T>
-T simd_broadcast_first(T x) {
+MSLEMU_INLINE T simd_broadcast_first(T x) {
   auto ex = detail::exchange(mslemu::Collective::shuffle, "simd_broadcast_first", x);
   return detail::shuffle_from<T>(ex, __builtin_ctz(ex.active));
 }
 // The lanes a shuffle_down/up would read from outside the SIMD-group keep their value.
 template <class T>
-T simd_shuffle_down(T x, ushort delta) {
+MSLEMU_INLINE T simd_shuffle_down(T x, ushort delta) {
   auto ex = detail::exchange(mslemu::Collective::shuffle, "simd_shuffle_down", x);
   int src = int(ex.lane) + delta;
   return src < int(detail::kSimdWidth) ? detail::shuffle_from<T>(ex, src) : x;
 }
 template <class T>
-T simd_shuffle_up(T x, ushort delta) {
+MSLEMU_INLINE T simd_shuffle_up(T x, ushort delta) {
   auto ex = detail::exchange(mslemu::Collective::shuffle, "simd_shuffle_up", x);
   int src = int(ex.lane) - delta;
   return src >= 0 ? detail::shuffle_from<T>(ex, src) : x;
 }
 template <class T>
-T simd_shuffle_xor(T x, ushort mask) {
+MSLEMU_INLINE T simd_shuffle_xor(T x, ushort mask) {
   auto ex = detail::exchange(mslemu::Collective::shuffle, "simd_shuffle_xor", x);
   return detail::shuffle_from<T>(ex, int(ex.lane ^ mask));
 }
 template <class T>
-T simd_shuffle_rotate_down(T x, ushort delta) {
+MSLEMU_INLINE T simd_shuffle_rotate_down(T x, ushort delta) {
   auto ex = detail::exchange(mslemu::Collective::shuffle, "simd_shuffle_rotate_down", x);
   return detail::shuffle_from<T>(ex, int((ex.lane + delta) % detail::kSimdWidth));
 }
 template <class T>
-T simd_shuffle_rotate_up(T x, ushort delta) {
+MSLEMU_INLINE T simd_shuffle_rotate_up(T x, ushort delta) {
   auto ex = detail::exchange(mslemu::Collective::shuffle, "simd_shuffle_rotate_up", x);
   return detail::shuffle_from<T>(ex, int((ex.lane + detail::kSimdWidth - delta % detail::kSimdWidth) %
                                          detail::kSimdWidth));
@@ -177,7 +180,7 @@ T simd_shuffle_rotate_up(T x, ushort delta) {
 // Within groups of `modulo` lanes: read lane i+delta of `data`, past the group's end
 // continue in `filling` (and symmetrically for _up).
 template <class T>
-T simd_shuffle_and_fill_down(T data, T filling, ushort delta, ushort modulo = 32) {
+MSLEMU_INLINE T simd_shuffle_and_fill_down(T data, T filling, ushort delta, ushort modulo = 32) {
   struct Pair {
     T d, f;
   } mine{data, filling};
@@ -187,7 +190,7 @@ T simd_shuffle_and_fill_down(T data, T filling, ushort delta, ushort modulo = 32
   return i < modulo ? p.d : p.f;
 }
 template <class T>
-T simd_shuffle_and_fill_up(T data, T filling, ushort delta, ushort modulo = 32) {
+MSLEMU_INLINE T simd_shuffle_and_fill_up(T data, T filling, ushort delta, ushort modulo = 32) {
   struct Pair {
     T d, f;
   } mine{data, filling};
@@ -212,30 +215,30 @@ struct simd_vote {
     return v != 0;
   }
 };
-inline simd_vote simd_ballot(bool b) {
+MSLEMU_INLINE simd_vote simd_ballot(bool b) {
   auto ex = detail::exchange(mslemu::Collective::vote, "simd_ballot", b);
   simd_vote::vote_t m = 0;
   for (uint32_t l = 0; l < detail::kSimdWidth; l++)
     if (ex.has(l) && detail::slot_value<bool>(ex, l)) m |= simd_vote::vote_t(1) << l;
   return simd_vote(m);
 }
-inline bool simd_all(bool b) {
+MSLEMU_INLINE bool simd_all(bool b) {
   auto ex = detail::exchange(mslemu::Collective::vote, "simd_all", b);
   for (uint32_t l = 0; l < detail::kSimdWidth; l++)
     if (ex.has(l) && !detail::slot_value<bool>(ex, l)) return false;
   return true;
 }
-inline bool simd_any(bool b) {
+MSLEMU_INLINE bool simd_any(bool b) {
   auto ex = detail::exchange(mslemu::Collective::vote, "simd_any", b);
   for (uint32_t l = 0; l < detail::kSimdWidth; l++)
     if (ex.has(l) && detail::slot_value<bool>(ex, l)) return true;
   return false;
 }
-inline simd_vote simd_active_threads_mask() {
+MSLEMU_INLINE simd_vote simd_active_threads_mask() {
   auto ex = detail::exchange(mslemu::Collective::vote, "simd_active_threads_mask", true);
   return simd_vote(ex.active);
 }
-inline bool simd_is_first() {
+MSLEMU_INLINE bool simd_is_first() {
   auto ex = detail::exchange(mslemu::Collective::vote, "simd_is_first", true);
   return ex.lane == uint32_t(__builtin_ctz(ex.active));
 }
@@ -243,7 +246,7 @@ inline bool simd_is_first() {
 // ---- quad-groups (4 lanes). Run as SIMD-group-wide collectives here. ----
 #define MSLEMU_QUAD_REDUCE(name, op)                                                     \
   template <class T>                                                                     \
-  T name(T x) {                                                                          \
+  MSLEMU_INLINE T name(T x) {                                                            \
     auto ex = detail::exchange(mslemu::Collective::quad, #name, x);                      \
     uint32_t q = ex.lane & ~3u;                                                          \
     T r = detail::value_of_lane<T>(ex, q);                                               \
@@ -259,28 +262,28 @@ MSLEMU_QUAD_REDUCE(quad_max, max(a, b))
 MSLEMU_QUAD_REDUCE(quad_min, min(a, b))
 #undef MSLEMU_QUAD_REDUCE
 template <class T>
-T quad_shuffle(T x, ushort lane) {
+MSLEMU_INLINE T quad_shuffle(T x, ushort lane) {
   auto ex = detail::exchange(mslemu::Collective::quad, "quad_shuffle", x);
   return detail::shuffle_from<T>(ex, int((ex.lane & ~3u) + (lane & 3u)));
 }
 template <class T>
-T quad_broadcast(T x, ushort lane) {
+MSLEMU_INLINE T quad_broadcast(T x, ushort lane) {
   auto ex = detail::exchange(mslemu::Collective::quad, "quad_broadcast", x);
   return detail::shuffle_from<T>(ex, int((ex.lane & ~3u) + (lane & 3u)));
 }
 template <class T>
-T quad_shuffle_xor(T x, ushort mask) {
+MSLEMU_INLINE T quad_shuffle_xor(T x, ushort mask) {
   auto ex = detail::exchange(mslemu::Collective::quad, "quad_shuffle_xor", x);
   return detail::shuffle_from<T>(ex, int((ex.lane & ~3u) + ((ex.lane ^ mask) & 3u)));
 }
 template <class T>
-T quad_shuffle_down(T x, ushort delta) {
+MSLEMU_INLINE T quad_shuffle_down(T x, ushort delta) {
   auto ex = detail::exchange(mslemu::Collective::quad, "quad_shuffle_down", x);
   uint32_t i = (ex.lane & 3u) + delta;
   return i < 4 ? detail::shuffle_from<T>(ex, int((ex.lane & ~3u) + i)) : x;
 }
 template <class T>
-T quad_shuffle_up(T x, ushort delta) {
+MSLEMU_INLINE T quad_shuffle_up(T x, ushort delta) {
   auto ex = detail::exchange(mslemu::Collective::quad, "quad_shuffle_up", x);
   int i = int(ex.lane & 3u) - delta;
   return i >= 0 ? detail::shuffle_from<T>(ex, int(ex.lane & ~3u) + i) : x;
@@ -355,7 +358,7 @@ void simdgroup_store(const thread simdgroup_matrix<T, 8, 8>& a, U* dst, ulong el
 // d = a * b + c: one collective; each lane then computes its own two elements of d with
 // float accumulation (products exact, summed in k order with fma).
 template <class TD, class TA, class TB, class TC>
-void simdgroup_multiply_accumulate(thread simdgroup_matrix<TD, 8, 8>& d, const thread simdgroup_matrix<TA, 8, 8>& a,
+MSLEMU_INLINE void simdgroup_multiply_accumulate(thread simdgroup_matrix<TD, 8, 8>& d, const thread simdgroup_matrix<TA, 8, 8>& a,
                                    const thread simdgroup_matrix<TB, 8, 8>& b,
                                    const thread simdgroup_matrix<TC, 8, 8>& c) {
   struct Frags {
@@ -385,7 +388,7 @@ void simdgroup_multiply_accumulate(thread simdgroup_matrix<TD, 8, 8>& d, const t
   }
 }
 template <class TD, class TA, class TB>
-void simdgroup_multiply(thread simdgroup_matrix<TD, 8, 8>& d, const thread simdgroup_matrix<TA, 8, 8>& a,
+MSLEMU_INLINE void simdgroup_multiply(thread simdgroup_matrix<TD, 8, 8>& d, const thread simdgroup_matrix<TA, 8, 8>& a,
                         const thread simdgroup_matrix<TB, 8, 8>& b) {
   simdgroup_multiply_accumulate(d, a, b, make_filled_simdgroup_matrix<TD, 8, 8>(TD(0)));
 }
@@ -436,26 +439,26 @@ T atomic_value(uint64_t bits) {
   }
 }
 template <class T>
-T atomic_apply(const volatile atomic<T>* obj, mslemu::AtomicOp op, T a, T b = T()) {
+MSLEMU_INLINE T atomic_apply(const volatile atomic<T>* obj, mslemu::AtomicOp op, T a, T b = T()) {
   return atomic_value<T>(mslemu::atomic_op(const_cast<atomic<T>*>(obj), op, atomic_type<T>(),
                                            atomic_bits(a), atomic_bits(b)));
 }
 }  // namespace detail
 
 template <class T>
-void atomic_store_explicit(volatile atomic<T>* obj, std::type_identity_t<T> v, memory_order) {
+MSLEMU_INLINE void atomic_store_explicit(volatile atomic<T>* obj, std::type_identity_t<T> v, memory_order) {
   detail::atomic_apply<T>(obj, mslemu::AtomicOp::store, v);
 }
 template <class T>
-T atomic_load_explicit(const volatile atomic<T>* obj, memory_order) {
+MSLEMU_INLINE T atomic_load_explicit(const volatile atomic<T>* obj, memory_order) {
   return detail::atomic_apply<T>(obj, mslemu::AtomicOp::load, T());
 }
 template <class T>
-T atomic_exchange_explicit(volatile atomic<T>* obj, std::type_identity_t<T> v, memory_order) {
+MSLEMU_INLINE T atomic_exchange_explicit(volatile atomic<T>* obj, std::type_identity_t<T> v, memory_order) {
   return detail::atomic_apply<T>(obj, mslemu::AtomicOp::exchange, v);
 }
 template <class T>
-bool atomic_compare_exchange_weak_explicit(volatile atomic<T>* obj, thread T* expected,
+MSLEMU_INLINE bool atomic_compare_exchange_weak_explicit(volatile atomic<T>* obj, thread T* expected,
                                            std::type_identity_t<T> desired, memory_order, memory_order) {
   const T old = detail::atomic_apply<T>(obj, mslemu::AtomicOp::compare_exchange, *expected, desired);
   const bool ok = detail::atomic_bits(old) == detail::atomic_bits(*expected);
@@ -464,7 +467,7 @@ bool atomic_compare_exchange_weak_explicit(volatile atomic<T>* obj, thread T* ex
 }
 #define MSLEMU_ATOMIC_FETCH(name, op)                                                      \
   template <class T>                                                                       \
-  T atomic_fetch_##name##_explicit(volatile atomic<T>* obj, std::type_identity_t<T> v, memory_order) { \
+  MSLEMU_INLINE T atomic_fetch_##name##_explicit(volatile atomic<T>* obj, std::type_identity_t<T> v, memory_order) { \
     return detail::atomic_apply<T>(obj, mslemu::AtomicOp::op, v);                          \
   }
 MSLEMU_ATOMIC_FETCH(add, add)
@@ -500,7 +503,7 @@ T* threadgroup_storage(uint32_t site, const char* name, int line) {
 // ---- Apple's SIMD builtins, as MLX's bf16_math.h calls them ----
 #define MSLEMU_BUILTIN_FORWARD1(name) \
   template <class T>                  \
-  T __metal_##name(T x) {             \
+  MSLEMU_INLINE T __metal_##name(T x) { \
     return metal::name(x);            \
   }
 MSLEMU_BUILTIN_FORWARD1(simd_sum)
@@ -515,7 +518,7 @@ MSLEMU_BUILTIN_FORWARD1(simd_prefix_exclusive_product)
 #undef MSLEMU_BUILTIN_FORWARD1
 #define MSLEMU_BUILTIN_FORWARD2(name) \
   template <class T>                  \
-  T __metal_##name(T x, ushort k) {   \
+  MSLEMU_INLINE T __metal_##name(T x, ushort k) { \
     return metal::name(x, k);         \
   }
 MSLEMU_BUILTIN_FORWARD2(simd_broadcast)
@@ -527,11 +530,11 @@ MSLEMU_BUILTIN_FORWARD2(simd_shuffle_rotate_down)
 MSLEMU_BUILTIN_FORWARD2(simd_shuffle_rotate_up)
 #undef MSLEMU_BUILTIN_FORWARD2
 template <class T>
-T __metal_simd_shuffle_and_fill_down(T data, T filling, ushort delta, ushort modulo) {
+MSLEMU_INLINE T __metal_simd_shuffle_and_fill_down(T data, T filling, ushort delta, ushort modulo) {
   return metal::simd_shuffle_and_fill_down(data, filling, delta, modulo);
 }
 template <class T>
-T __metal_simd_shuffle_and_fill_up(T data, T filling, ushort delta, ushort modulo) {
+MSLEMU_INLINE T __metal_simd_shuffle_and_fill_up(T data, T filling, ushort delta, ushort modulo) {
   return metal::simd_shuffle_and_fill_up(data, filling, delta, modulo);
 }
 inline ushort __metal_get_simdgroup_size(ushort) {
