@@ -143,7 +143,11 @@ def build_kernel(kernel_name: str, metal_source: str, translation_unit: str) -> 
         r = subprocess.run([CXX, *COMMON_FLAGS, *KERNEL_FLAGS, "-c", "kernel.cpp", "-o", "kernel.o"], cwd=tmp,
                            capture_output=True, text=True)
         if r.returncode != 0:
-            raise _compile_error(r.stderr, kernel_name, tmp)
+            # Keep the sources for inspection; the error points at them.
+            failed = CACHE_DIR / f"failed-{key}"
+            shutil.rmtree(failed, ignore_errors=True)
+            os.rename(tmp, failed)
+            raise _compile_error(r.stderr, kernel_name, failed)
         _run_compiler([CXX, "-no-pie", "-pthread", "kernel.o", str(runtime_object()), "-o", "kernel"], tmp,
                       "linking the kernel")
         (tmp / "sites.txt").write_text(_site_table(tmp / "kernel"))

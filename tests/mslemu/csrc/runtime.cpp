@@ -109,7 +109,7 @@ void load_site_ids() {
 }
 
 // The chain with every known return address replaced by its source-position id.
-Chain site_key(const Chain& c) {
+Chain site_key_uncached(const Chain& c) {
   Chain k = c;
   for (int i = 0; i < k.n; i++) {
     const uintptr_t pc = reinterpret_cast<uintptr_t>(k.pc[i]);
@@ -117,6 +117,20 @@ Chain site_key(const Chain& c) {
     if (it != g_site_ids.end() && it->first == pc) k.pc[i] = reinterpret_cast<const void*>(it->second);
   }
   return k;
+}
+
+// Barriers and collectives are called from few sites, many times: remember the keys.
+Chain site_key(const Chain& c) {
+  struct Entry {
+    Chain raw, key;
+  };
+  static thread_local Entry cache[64];
+  Entry& e = cache[(reinterpret_cast<uintptr_t>(c.pc[0]) >> 2) & 63];
+  if (!(e.raw == c) || e.raw.n == 0) {
+    e.raw = c;
+    e.key = site_key_uncached(c);
+  }
+  return e.key;
 }
 
 std::string chain_json(const Chain& c) {
@@ -269,6 +283,8 @@ struct Worker {
   std::vector<uint32_t> sg_epoch;
   std::vector<unsigned char> slots;  // [simdgroup][parity][lane][kSlotBytes]
   std::vector<uint32_t> active;      // [simdgroup][parity]
+  std::vector<unsigned char> shared;  // [simdgroup][parity][kSharedBytes]
+  std::vector<uint8_t> shared_ready;  // [simdgroup][parity]
   unsigned char* arena = nullptr;
   size_t arena_capacity = 0, arena_used = 0, declared = 0;
   std::vector<uint8_t> allocated;
@@ -492,6 +508,7 @@ void resolve(Worker& w) {
     if (!lead || !uniform) continue;
     if (lead->state == State::collective) {
       w.active[s * 2 + (lead->collectives & 1)] = active;
+      w.shared_ready[s * 2 + (lead->collectives & 1)] = 0;
       if (lead->kind == Collective::matrix_multiply) {
         w.counters.mma++;
       } else {
@@ -833,7 +850,9 @@ Exchange simd_collective(Collective what, const char* name, const void* data, ui
   f.kind = what;
   yield_to_scheduler(w, f);
   f.collectives++;
-  return Exchange{base, w.active[f.sg * 2 + parity], f.lane};
+  const size_t k = size_t(f.sg) * 2 + parity;
+  return Exchange{base, w.active[k], f.lane, w.shared.data() + k * kSharedBytes,
+                  reinterpret_cast<bool*>(&w.shared_ready[k])};
 }
 
 void threadgroup_barrier(uint32_t) {
@@ -1326,6 +1345,8 @@ int run(int argc, char** argv) {
     }
     w->slots.assign(size_t(nsimd) * 2 * kSimdWidth * kSlotBytes, 0);
     w->active.assign(size_t(nsimd) * 2, 0);
+    w->shared.assign(size_t(nsimd) * 2 * kSharedBytes, 0);
+    w->shared_ready.assign(size_t(nsimd) * 2, 0);
     w->arena = arenas + size_t(i) * arena_capacity;
     w->arena_capacity = arena_capacity;
     w->allocated.assign(arena_capacity, 0);

@@ -53,11 +53,17 @@ enum class Collective : uint32_t {
   matrix_multiply,  // simdgroup_multiply(_accumulate): one 8x8x8 MMA
 };
 
+// Scratch every lane of one collective shares: the first lane to resume computes a
+// result all lanes need (a reduction, a matrix product) once.
+constexpr uint32_t kSharedBytes = 256;
+
 // A released collective: each participating lane's contribution, indexed by lane.
 struct Exchange {
   const unsigned char* slots;  // kSimdWidth * kSlotBytes bytes
   uint32_t active;             // bit i set: lane i took part
   uint32_t lane;               // the calling lane
+  unsigned char* shared;       // kSharedBytes
+  bool* shared_ready;          // false until a lane has filled `shared`
   const void* slot(uint32_t l) const {
     return slots + l * kSlotBytes;
   }

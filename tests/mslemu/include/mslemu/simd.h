@@ -31,6 +31,10 @@ MSLEMU_INLINE void simdgroup_barrier(mem_flags f) {
   mslemu::simdgroup_barrier(uint32_t(f));
 }
 
+// The emulator's own reads of the exchange buffers are not the kernel's memory traffic:
+// these helpers are not instrumented (and therefore not inlined).
+#define MSLEMU_UNCHECKED __attribute__((no_sanitize_thread, noinline))
+
 namespace detail {
 
 using mslemu::Collective;
@@ -43,7 +47,7 @@ MSLEMU_INLINE Exchange exchange(Collective what, const char* name, const T& v) {
   return mslemu::simd_collective(what, name, &v, sizeof(T));
 }
 template <class T>
-T slot_value(const Exchange& ex, uint32_t lane) {
+MSLEMU_UNCHECKED T slot_value(const Exchange& ex, uint32_t lane) {
   T v;
   __builtin_memcpy(static_cast<void*>(&v), ex.slot(lane), sizeof(T));
   return v;
@@ -61,28 +65,35 @@ T value_of_lane(const Exchange& ex, uint32_t lane) {
 }
 
 // A butterfly over the active lanes (partner distance 16, 8, 4, 2, 1), the usual shape
-// of a hardware SIMD reduction; every lane computes the same result.
+// of a hardware SIMD reduction; computed once, every lane gets the same result.
 template <class T, class F>
-T tree_reduce(const Exchange& ex, F op) {
-  T v[kSimdWidth];
-  bool valid[kSimdWidth];
-  for (uint32_t l = 0; l < kSimdWidth; l++) {
-    valid[l] = ex.has(l);
-    if (valid[l]) v[l] = slot_value<T>(ex, l);
-  }
-  for (uint32_t s = kSimdWidth / 2; s >= 1; s /= 2) {
-    for (uint32_t l = 0; l < s; l++) {
-      if (valid[l + s]) {
-        v[l] = valid[l] ? T(op(v[l], v[l + s])) : v[l + s];
-        valid[l] = true;
+MSLEMU_UNCHECKED T tree_reduce(const Exchange& ex, F op) {
+  static_assert(sizeof(T) <= mslemu::kSharedBytes);
+  if (!*ex.shared_ready) {
+    T v[kSimdWidth];
+    bool valid[kSimdWidth];
+    for (uint32_t l = 0; l < kSimdWidth; l++) {
+      valid[l] = ex.has(l);
+      if (valid[l]) __builtin_memcpy(static_cast<void*>(&v[l]), ex.slot(l), sizeof(T));
+    }
+    for (uint32_t s = kSimdWidth / 2; s >= 1; s /= 2) {
+      for (uint32_t l = 0; l < s; l++) {
+        if (valid[l + s]) {
+          v[l] = valid[l] ? T(op(v[l], v[l + s])) : v[l + s];
+          valid[l] = true;
+        }
       }
     }
+    __builtin_memcpy(ex.shared, static_cast<const void*>(&v[0]), sizeof(T));
+    *ex.shared_ready = true;
   }
-  return v[0];
+  T r;
+  __builtin_memcpy(static_cast<void*>(&r), ex.shared, sizeof(T));
+  return r;
 }
 
 template <class T, class F>
-T scan(const Exchange& ex, F op, bool inclusive, T identity) {
+MSLEMU_UNCHECKED T scan(const Exchange& ex, F op, bool inclusive, T identity) {
   T acc = identity;
   for (uint32_t l = 0; l < ex.lane; l++)
     if (ex.has(l)) acc = T(op(acc, slot_value<T>(ex, l)));
@@ -301,6 +312,37 @@ constexpr int frag_col(uint32_t lane) {
 }
 }  // namespace detail
 
+namespace detail {
+struct Frags {
+  float a[2], b[2], c[2];
+};
+// D = A * B + C for the simdgroup, once (float accumulation: C, then fma in k order).
+MSLEMU_UNCHECKED inline const float* matrix_product(const Exchange& ex) {
+  float* D = reinterpret_cast<float*>(ex.shared);
+  if (!*ex.shared_ready) {
+    float A[8][8], B[8][8], C[8][8];
+    for (uint32_t l = 0; l < kSimdWidth; l++) {
+      Frags f;
+      __builtin_memcpy(&f, ex.slot(l), sizeof f);
+      const int r = frag_row(l), c0 = frag_col(l);
+      for (int j = 0; j < 2; j++) {
+        A[r][c0 + j] = f.a[j];
+        B[r][c0 + j] = f.b[j];
+        C[r][c0 + j] = f.c[j];
+      }
+    }
+    for (int r = 0; r < 8; r++)
+      for (int c = 0; c < 8; c++) {
+        float acc = C[r][c];
+        for (int k = 0; k < 8; k++) acc = __builtin_fmaf(A[r][k], B[k][c], acc);
+        D[r * 8 + c] = acc;
+      }
+    *ex.shared_ready = true;
+  }
+  return D;
+}
+}  // namespace detail
+
 template <class T, int Cols, int Rows = Cols>
 struct simdgroup_matrix {
   static_assert(Cols == 8 && Rows == 8, "mslemu: only 8x8 simdgroup matrices are emulated");
@@ -361,31 +403,17 @@ template <class TD, class TA, class TB, class TC>
 MSLEMU_INLINE void simdgroup_multiply_accumulate(thread simdgroup_matrix<TD, 8, 8>& d, const thread simdgroup_matrix<TA, 8, 8>& a,
                                    const thread simdgroup_matrix<TB, 8, 8>& b,
                                    const thread simdgroup_matrix<TC, 8, 8>& c) {
-  struct Frags {
-    float a[2], b[2], c[2];
-  } mine{{float(a.elems[0]), float(a.elems[1])}, {float(b.elems[0]), float(b.elems[1])},
-         {float(c.elems[0]), float(c.elems[1])}};
+  detail::Frags mine{{float(a.elems[0]), float(a.elems[1])}, {float(b.elems[0]), float(b.elems[1])},
+                     {float(c.elems[0]), float(c.elems[1])}};
   auto ex = detail::exchange(mslemu::Collective::matrix_multiply, "simdgroup_multiply_accumulate", mine);
   if (ex.active != 0xffffffffu) {
     // All 32 lanes hold a part of each matrix; a missing lane leaves them undefined.
     d.elems = detail::undefined_value<vec<TD, 2>>();
     return;
   }
-  float A[8][8], B[8][8];
-  for (uint32_t l = 0; l < detail::kSimdWidth; l++) {
-    const Frags f = detail::slot_value<Frags>(ex, l);
-    const int r = detail::frag_row(l), c0 = detail::frag_col(l);
-    for (int j = 0; j < 2; j++) {
-      A[r][c0 + j] = f.a[j];
-      B[r][c0 + j] = f.b[j];
-    }
-  }
+  const float* D = detail::matrix_product(ex);
   const int r = detail::frag_row(ex.lane), c0 = detail::frag_col(ex.lane);
-  for (int j = 0; j < 2; j++) {
-    float acc = float(c.elems[j]);
-    for (int k = 0; k < 8; k++) acc = __builtin_fmaf(A[r][k], B[k][c0 + j], acc);
-    d.elems[j] = TD(acc);
-  }
+  for (int j = 0; j < 2; j++) d.elems[j] = TD(D[r * 8 + c0 + j]);
 }
 template <class TD, class TA, class TB>
 MSLEMU_INLINE void simdgroup_multiply(thread simdgroup_matrix<TD, 8, 8>& d, const thread simdgroup_matrix<TA, 8, 8>& a,
