@@ -179,3 +179,37 @@ def write_source(
         full = kname + template_def
         out.append(f'\ntemplate [[host_name("{kname}")]] [[kernel]] decltype({full}) {full};\n')
     return kname, "".join(out)
+
+
+def mlx_reference_source(kernel_args: dict, call_args: dict, workdir) -> str:
+    """The source MLX itself generates for a call, for comparison: `mx.fast.metal_kernel`
+    called with `verbose=True` while `mx.export_function` traces it (without a Metal
+    device MLX still builds the kernel there, and prints its source to fd 1)."""
+    import os
+    import re
+    import tempfile
+    from pathlib import Path
+
+    kernel = mx.fast.metal_kernel(**kernel_args)
+    inputs = call_args["inputs"]
+    arrays = [x for x in inputs if isinstance(x, mx.array)]
+
+    def traced(*arrs):
+        it = iter(arrs)
+        bound = [next(it) if isinstance(x, mx.array) else x for x in inputs]
+        return kernel(**{**call_args, "inputs": bound, "verbose": True})
+
+    with tempfile.TemporaryFile() as out:
+        saved = os.dup(1)
+        os.dup2(out.fileno(), 1)
+        try:
+            mx.export_function(str(Path(workdir) / "traced.mlxfn"), traced, *arrays)
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        out.seek(0)
+        printed = out.read().decode()
+    m = re.search(r"```\n(.*)\n```", printed, re.DOTALL)
+    if not m:
+        raise RuntimeError(f"MLX printed no kernel source:\n{printed}")
+    return m.group(1)
