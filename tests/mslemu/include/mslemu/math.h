@@ -444,6 +444,52 @@ constexpr T extract_bits(T x, uint offset, uint bits) {
   return T(v);
 }
 
+// ---- swizzles as arguments: v.xy works wherever a vector does ----
+template <class X>
+constexpr decltype(auto) unswizzle(const X& x) {
+  if constexpr (swizzle_operand<X>) {
+    return as_vec(x);
+  } else {
+    return (x);
+  }
+}
+template <class... A>
+concept any_swizzle = (swizzle_operand<A> || ...);
+#define MSLEMU_SWIZZLE_FORWARD(name)                        \
+  template <class... A>                                     \
+    requires any_swizzle<A...>                              \
+  constexpr auto name(const A&... a) {                      \
+    return name(unswizzle(a)...);                           \
+  }
+MSLEMU_SWIZZLE_FORWARD(atan2)
+MSLEMU_SWIZZLE_FORWARD(copysign)
+MSLEMU_SWIZZLE_FORWARD(divide)
+MSLEMU_SWIZZLE_FORWARD(fdim)
+MSLEMU_SWIZZLE_FORWARD(fmax)
+MSLEMU_SWIZZLE_FORWARD(fmin)
+MSLEMU_SWIZZLE_FORWARD(fmod)
+MSLEMU_SWIZZLE_FORWARD(pow)
+MSLEMU_SWIZZLE_FORWARD(powr)
+MSLEMU_SWIZZLE_FORWARD(step)
+MSLEMU_SWIZZLE_FORWARD(fma)
+MSLEMU_SWIZZLE_FORWARD(max)
+MSLEMU_SWIZZLE_FORWARD(min)
+MSLEMU_SWIZZLE_FORWARD(clamp)
+MSLEMU_SWIZZLE_FORWARD(mix)
+MSLEMU_SWIZZLE_FORWARD(select)
+MSLEMU_SWIZZLE_FORWARD(all)
+MSLEMU_SWIZZLE_FORWARD(any)
+MSLEMU_SWIZZLE_FORWARD(isnan)
+MSLEMU_SWIZZLE_FORWARD(isinf)
+MSLEMU_SWIZZLE_FORWARD(isfinite)
+MSLEMU_SWIZZLE_FORWARD(dot)
+MSLEMU_SWIZZLE_FORWARD(length)
+MSLEMU_SWIZZLE_FORWARD(length_squared)
+MSLEMU_SWIZZLE_FORWARD(distance)
+MSLEMU_SWIZZLE_FORWARD(normalize)
+MSLEMU_SWIZZLE_FORWARD(cross)
+#undef MSLEMU_SWIZZLE_FORWARD
+
 // ---- metal::fast and metal::precise name the same functions here ----
 #define MSLEMU_MATH_NAMES(X)                                                             \
   X(acos) X(acosh) X(asin) X(asinh) X(atan) X(atanh) X(ceil) X(cos) X(cosh) X(cospi)      \

@@ -1,6 +1,7 @@
 // MSL vector types vec<T, N> (float4, half2, uint3, ...) with Metal's size and alignment
 // (a 3-vector occupies 4 elements), component names x/y/z/w and r/g/b/a, swizzles
-// (every 2- and 3-component xyzw combination, readable and assignable), component-wise
+// (every xyzw combination of 2 to 4 components, readable and assignable; of the rgba
+// spellings only rg, rgb, rgba), component-wise
 // operators, explicit conversions between element types, and scalar broadcast.
 #pragma once
 
@@ -70,6 +71,14 @@ struct swizzle {
 #define MSLEMU_ROW3_4(n, a, i, b, j) MSLEMU_ROW3_3(n, a, i, b, j) MSLEMU_SW3(n, a, i, b, j, w, 3)
 #define MSLEMU_PLANE3_3(n, a, i) \
   MSLEMU_ROW3_3(n, a, i, x, 0) MSLEMU_ROW3_3(n, a, i, y, 1) MSLEMU_ROW3_3(n, a, i, z, 2)
+#define MSLEMU_SW4(n, a, i, b, j, c, k, d, l) swizzle<T, n, i, j, k, l> a##b##c##d;
+#define MSLEMU_ROW4(n, a, i, b, j, c, k)                                                         \
+  MSLEMU_SW4(n, a, i, b, j, c, k, x, 0) MSLEMU_SW4(n, a, i, b, j, c, k, y, 1)                    \
+      MSLEMU_SW4(n, a, i, b, j, c, k, z, 2) MSLEMU_SW4(n, a, i, b, j, c, k, w, 3)
+#define MSLEMU_PLANE4(n, a, i, b, j) \
+  MSLEMU_ROW4(n, a, i, b, j, x, 0) MSLEMU_ROW4(n, a, i, b, j, y, 1) MSLEMU_ROW4(n, a, i, b, j, z, 2) MSLEMU_ROW4(n, a, i, b, j, w, 3)
+#define MSLEMU_CUBE4(n, a, i) \
+  MSLEMU_PLANE4(n, a, i, x, 0) MSLEMU_PLANE4(n, a, i, y, 1) MSLEMU_PLANE4(n, a, i, z, 2) MSLEMU_PLANE4(n, a, i, w, 3)
 #define MSLEMU_PLANE3_4(n, a, i)                                                      \
   MSLEMU_ROW3_4(n, a, i, x, 0) MSLEMU_ROW3_4(n, a, i, y, 1) MSLEMU_ROW3_4(n, a, i, z, 2) \
       MSLEMU_ROW3_4(n, a, i, w, 3)
@@ -131,7 +140,10 @@ struct alignas(4 * sizeof(T)) vec_storage<T, 4> {
     MSLEMU_PLANE3_4(4, y, 1)
     MSLEMU_PLANE3_4(4, z, 2)
     MSLEMU_PLANE3_4(4, w, 3)
-    swizzle<T, 4, 0, 1, 2, 3> xyzw;
+    MSLEMU_CUBE4(4, x, 0)
+    MSLEMU_CUBE4(4, y, 1)
+    MSLEMU_CUBE4(4, z, 2)
+    MSLEMU_CUBE4(4, w, 3)
     swizzle<T, 4, 0, 1> rg;
     swizzle<T, 4, 0, 1, 2> rgb;
     swizzle<T, 4, 0, 1, 2, 3> rgba;
@@ -147,6 +159,10 @@ struct alignas(4 * sizeof(T)) vec_storage<T, 4> {
 #undef MSLEMU_ROW3_4
 #undef MSLEMU_PLANE3_3
 #undef MSLEMU_PLANE3_4
+#undef MSLEMU_SW4
+#undef MSLEMU_ROW4
+#undef MSLEMU_PLANE4
+#undef MSLEMU_CUBE4
 
 // What an operand is: a vector (or swizzle) with its element type and width, or a scalar.
 template <class X>
