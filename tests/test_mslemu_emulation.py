@@ -257,3 +257,27 @@ def test_repeated_dispatches_reuse_the_build():
     (out,), st = k(inputs=[mx.ones((8,))], **call)
     assert st.compile_seconds == 0.0
     assert np.array(out).tolist() == [2.0] * 8
+
+
+def test_portable_ucontext_fibers_match_the_x86_switch(rng):
+    """Hosts other than x86-64 switch fibers with ucontext; x86-64 runs that path too."""
+    x = rng.standard_normal(512).astype(np.float32)
+    source = """
+    threadgroup float partial[4];
+    uint i = thread_position_in_grid.x;
+    float v = simd_sum(x[i]);
+    if (thread_index_in_simdgroup == 0) partial[simdgroup_index_in_threadgroup] = v;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[i] = partial[(simdgroup_index_in_threadgroup + 1) % 4] + v;
+"""
+    runs = [run1(source, [mx.array(x)], 512, input_names=["x"], threadgroup=(128, 1, 1), schedule="random",
+                 context_switch=cs) for cs in ("auto", "ucontext")]
+    (a, sa), (b, sb) = runs
+    assert np.array_equal(np.array(a), np.array(b))
+    assert (sa.simd_collectives, sa.threadgroup_barriers) == (sb.simd_collectives, sb.threadgroup_barriers) == (16, 4)
+    sums = x.reshape(16, 32).astype(np.float64).sum(axis=1)
+    expect = np.repeat(sums + sums.reshape(4, 4)[:, [1, 2, 3, 0]].reshape(-1), 32)
+    assert np.allclose(np.array(a), expect, atol=1e-4)
+    with pytest.raises(mslemu.DeadlockError):
+        run1("if (thread_index_in_threadgroup > 3) return;\nthreadgroup_barrier(mem_flags::mem_none);\nout[0] = 1;",
+             [mx.zeros((8,))], 1, input_names=["unused"], grid=(64, 1, 1), context_switch="ucontext")

@@ -40,6 +40,9 @@ INSTRUMENT_FLAGS = ["-fsanitize=thread", "--param", "tsan-instrument-func-entry-
 # the same call would look like different call sites.
 KERNEL_FLAGS = ["-O2", "-g1", "-fno-optimize-sibling-calls", "-w", "-Wno-attributes", "-Wno-unknown-pragmas", *INSTRUMENT_FLAGS]
 RUNTIME_FLAGS = ["-O2", "-g1", "-pthread"]
+# How fibers switch: hand-written on x86-64 ("auto"), else ucontext, which x86-64 can
+# also be asked for (the portable path, so it is tested too).
+CONTEXT_SWITCHES = {"auto": [], "ucontext": ["-DMSLEMU_UCONTEXT"]}
 
 
 @functools.cache
@@ -90,15 +93,16 @@ def _trim(diagnostics: str, limit: int = 60) -> str:
 
 
 @functools.cache
-def runtime_object() -> Path:
-    key = _digest(compiler_version(), " ".join(COMMON_FLAGS + RUNTIME_FLAGS), *(p.read_bytes() for p in RUNTIME_SOURCES))
+def runtime_object(context_switch: str = "auto") -> Path:
+    flags = RUNTIME_FLAGS + CONTEXT_SWITCHES[context_switch]
+    key = _digest(compiler_version(), " ".join(COMMON_FLAGS + flags), *(p.read_bytes() for p in RUNTIME_SOURCES))
     final = CACHE_DIR / f"runtime-{key}"
     obj = final / "runtime.o"
     if obj.exists():
         return obj
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR, prefix=".tmp-runtime-"))
-    _run_compiler([CXX, *COMMON_FLAGS, *RUNTIME_FLAGS, "-c", str(HERE / "csrc" / "runtime.cpp"), "-o", "runtime.o"],
+    _run_compiler([CXX, *COMMON_FLAGS, *flags, "-c", str(HERE / "csrc" / "runtime.cpp"), "-o", "runtime.o"],
                   tmp, "compiling the mslemu runtime")
     _publish(tmp, final)
     return obj
@@ -123,12 +127,12 @@ class Build:
 _builds: dict[str, Build] = {}
 
 
-def build_kernel(kernel_name: str, metal_source: str, translation_unit: str) -> Build:
+def build_kernel(kernel_name: str, metal_source: str, translation_unit: str, context_switch: str = "auto") -> Build:
     """Compile (or find in the cache) the executable for one generated kernel.
     `metal_source` is the exact MLX source (kept for reports); `translation_unit` what is
     compiled."""
     key = _digest(compiler_version(), " ".join(COMMON_FLAGS + KERNEL_FLAGS), header_digest(),
-                  str(runtime_object()), translation_unit)
+                  str(runtime_object(context_switch)), translation_unit)
     final = CACHE_DIR / f"k-{key}"
     if key in _builds or (final / "kernel").exists():
         _builds[key] = Build(final, kernel_name, 0.0)
@@ -148,7 +152,7 @@ def build_kernel(kernel_name: str, metal_source: str, translation_unit: str) -> 
             shutil.rmtree(failed, ignore_errors=True)
             os.rename(tmp, failed)
             raise _compile_error(r.stderr, kernel_name, failed)
-        _run_compiler([CXX, "-no-pie", "-pthread", "kernel.o", str(runtime_object()), "-o", "kernel"], tmp,
+        _run_compiler([CXX, "-no-pie", "-pthread", "kernel.o", str(runtime_object(context_switch)), "-o", "kernel"], tmp,
                       "linking the kernel")
         (tmp / "sites.txt").write_text(_site_table(tmp / "kernel"))
     except BaseException:

@@ -224,7 +224,7 @@ class MetalKernel:
     # ---- dispatch
     def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None,
                  init_value=None, verbose=False, schedule="forward", seed=0, workers=None, timeout=60.0,
-                 race_check=True, max_threadgroup_memory=32768, stack_bytes=128 * 1024):
+                 race_check=True, max_threadgroup_memory=32768, stack_bytes=128 * 1024, context_switch="auto"):
         """Run one dispatch. Returns (list of mx.array outputs, Stats). Raises a
         KernelError subclass when the kernel fails to compile or misbehaves."""
         if len(inputs) != len(self.input_names):
@@ -238,6 +238,8 @@ class MetalKernel:
                              f"size {len(output_dtypes)}.")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
+        if context_switch not in build.CONTEXT_SWITCHES:
+            raise ValueError(f"context_switch must be one of {sorted(build.CONTEXT_SWITCHES)}, got {context_switch!r}")
         grid = _triple(grid, "grid")
         threadgroup = _triple(threadgroup, "threadgroup")
         dispatched = tuple(min(t, g) for t, g in zip(threadgroup, grid))
@@ -252,7 +254,8 @@ class MetalKernel:
         kname, metal = self._write(specs, out_dtypes, template)
         if verbose:
             print(f"Generated source code for `{self.name}`:\n```\n{metal}\n```")
-        b = build.build_kernel(kname, metal, self._translation_unit(kname, metal, specs, out_dtypes, template))
+        b = build.build_kernel(kname, metal, self._translation_unit(kname, metal, specs, out_dtypes, template),
+                               context_switch)
 
         buffers = self._buffers(ins, out_shapes, out_dtypes, init_value)
         with tempfile.TemporaryDirectory(prefix="mslemu-", dir=_SCRATCH) as tmp:

@@ -170,22 +170,32 @@ std::string format(const char* fmt, ...) {
 }
 
 std::string g_response_prefix;
-std::mutex g_error_mutex;
+std::atomic<int> g_reporting{0};
+
+// Only the first thread to fail reports (the process ends right after); others wait.
+void claim_report() {
+  if (g_reporting.exchange(1) != 0)
+    for (;;) pause();
+}
+
+void write_error_file(const std::string& json) {
+  const std::string path = g_response_prefix + ".error.json", tmp = path + ".tmp";
+  if (FILE* f = fopen(tmp.c_str(), "w")) {
+    fwrite(json.data(), 1, json.size(), f);
+    fclose(f);
+    rename(tmp.c_str(), path.c_str());
+  }
+}
 
 // Writes <prefix>.error.json and ends the process. `message` may contain {site:N}, which
 // Python replaces by the source location of sites[N].
 [[noreturn]] void fail(const char* kind, const std::string& message, const std::vector<Chain>& sites,
                        const std::string& extra = "") {
-  std::lock_guard<std::mutex> lock(g_error_mutex);
+  claim_report();
   std::string j = "{\"kind\":" + json_string(kind) + ",\"message\":" + json_string(message) + ",\"sites\":[";
   for (size_t i = 0; i < sites.size(); i++) j += (i ? "," : "") + chain_json(sites[i]);
   j += "]" + extra + "}\n";
-  std::string path = g_response_prefix + ".error.json";
-  if (FILE* f = fopen(path.c_str(), "w")) {
-    fwrite(j.data(), 1, j.size(), f);
-    fclose(f);
-  }
-  fflush(stdout);
+  write_error_file(j);
   _exit(kExitKernelError);
 }
 
@@ -1166,6 +1176,7 @@ const char* signal_name(int sig) {
 }
 
 void on_crash(int sig, siginfo_t* info, void* uc) {
+  claim_report();
   const uintptr_t addr = reinterpret_cast<uintptr_t>(info->si_addr);
   Chain c;
 #ifdef __x86_64__
@@ -1192,12 +1203,7 @@ void on_crash(int sig, siginfo_t* info, void* uc) {
   }
   Worker* w = tls_worker;
   if (w && w->current) what += " by " + thread_desc(*w, *w->current);
-  std::string j = "{\"kind\":\"crash\",\"message\":" + json_string(what) + ",\"sites\":[" + chain_json(c) + "]}\n";
-  std::string path = g_response_prefix + ".error.json";
-  if (FILE* f = fopen(path.c_str(), "w")) {
-    fwrite(j.data(), 1, j.size(), f);
-    fclose(f);
-  }
+  write_error_file("{\"kind\":\"crash\",\"message\":" + json_string(what) + ",\"sites\":[" + chain_json(c) + "]}\n");
   _exit(kExitCrash);
 }
 
@@ -1221,9 +1227,10 @@ void give_alt_stack() {
 }
 
 [[noreturn]] void report_timeout() {
+  int signalled = 0;
   for (Worker* w : g_workers)
-    if (w->running) pthread_kill(w->thread, SIGUSR2);
-  for (int i = 0; i < 200 && g_interrupted.load() < int(g_workers.size()); i++) usleep(5000);
+    if (w->running && pthread_kill(w->thread, SIGUSR2) == 0) signalled++;
+  for (int i = 0; i < 200 && g_interrupted.load() < signalled; i++) usleep(5000);
   std::vector<Chain> sites;
   std::string msg = format("deadlock: no progress after %ld ms", g_opt.timeout_ms);
   for (Worker* w : g_workers) {
