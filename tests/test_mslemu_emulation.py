@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import mslemu
+from mslemu import prelude
 from test_mslemu_source import CASES
 
 
@@ -281,3 +282,49 @@ def test_portable_ucontext_fibers_match_the_x86_switch(rng):
     with pytest.raises(mslemu.DeadlockError):
         run1("if (thread_index_in_threadgroup > 3) return;\nthreadgroup_barrier(mem_flags::mem_none);\nout[0] = 1;",
              [mx.zeros((8,))], 1, input_names=["unused"], grid=(64, 1, 1), context_switch="ucontext")
+
+
+STEEL_GEMM = mslemu.metal_kernel(
+    name="steel_gemm",
+    input_names=["A", "B", "dims"],
+    output_names=["D"],
+    header=prelude.expand_mlx_header("mlx/backend/metal/kernels/steel/gemm/gemm.h"),
+    source="""
+    using namespace mlx::steel;
+    using gemm_kernel = GEMMKernel<T, T, BM, BN, BK, WM, WN, false, TRANSPOSE_B, MN_ALIGNED, K_ALIGNED>;
+    threadgroup T As[gemm_kernel::tgp_mem_size_a];
+    threadgroup T Bs[gemm_kernel::tgp_mem_size_b];
+    const int M = dims[0], N = dims[1], K = dims[2];
+    const GEMMParams params{M, N, K, K, TRANSPOSE_B ? K : N, N, (N + BN - 1) / BN, (M + BM - 1) / BM,
+                            0, 0, 0, 0, K / BK, 0};
+    gemm_kernel::run(A, B, D, &params, As, Bs, thread_index_in_simdgroup, simdgroup_index_in_threadgroup,
+                     threadgroup_position_in_grid, thread_position_in_threadgroup);
+""",
+)
+
+
+@pytest.mark.parametrize("dtype,m,n,k,transpose_b", [
+    (mx.float32, 64, 64, 64, False),
+    (mx.bfloat16, 67, 45, 83, False),
+    (mx.float16, 40, 72, 48, True),
+])
+def test_mlx_steel_gemm_runs_in_the_emulator(dtype, m, n, k, transpose_b, rng):
+    """MLX's production GEMM (steel GEMMKernel: fragments loaded by lane coordinates,
+    simdgroup MMAs on thread_elements) is correct on Apple GPUs; run here with the
+    emulator's types and lane layout it must match float64 too."""
+    bm, bn, bk, wm, wn = 32, 32, 16, 2, 2
+    a = mx.array(rng.standard_normal((m, k)).astype(np.float32)).astype(dtype)
+    b = mx.array(rng.standard_normal((n, k) if transpose_b else (k, n)).astype(np.float32)).astype(dtype)
+    (d,), st = STEEL_GEMM(
+        inputs=[a, b, mx.array([m, n, k], dtype=mx.int32)],
+        template=[("T", dtype), ("BM", bm), ("BN", bn), ("BK", bk), ("WM", wm), ("WN", wn),
+                  ("TRANSPOSE_B", transpose_b), ("MN_ALIGNED", m % bm == 0 and n % bn == 0),
+                  ("K_ALIGNED", k % bk == 0)],
+        grid=(-(-n // bn) * wm * wn * 32, -(-m // bm), 1), threadgroup=(wm * wn * 32, 1, 1),
+        output_shapes=[(m, n)], output_dtypes=[dtype])
+    a64 = np.array(a.astype(mx.float32)).astype(np.float64)
+    b64 = np.array(b.astype(mx.float32)).astype(np.float64)
+    ref = a64 @ (b64.T if transpose_b else b64)
+    err = np.abs(np.array(d.astype(mx.float32)) - ref).max() / np.abs(ref).max()
+    assert err < {mx.float32: 2e-5, mx.float16: 2e-3, mx.bfloat16: 1e-2}[dtype]
+    assert st.mma == -(-m // bm) * -(-n // bn) * -(-k // bk) * (bk // 8) * (bm // 8) * (bn // 8)

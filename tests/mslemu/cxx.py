@@ -1,13 +1,17 @@
-"""The two source transformations that make MSL compile as C++, both line-preserving so
+"""The source transformations that make MSL compile as C++, all line-preserving so
 that diagnostics and the emulator's error reports point at the original lines.
 
 1. `dedupe_address_space_overloads`: MSL may overload a function on address space
-   (`complex_t() thread` and `complex_t() threadgroup`, as MLX's complex.h does). With the
-   qualifiers erased those are the same function twice; later copies are blanked.
+   (`complex_t() thread` and `complex_t() threadgroup`, as MLX's complex.h does) or
+   specialize a template for each (`pointer_element<device T*>`, MLX's steel utils).
+   With the qualifiers erased those are the same definition twice; later copies are
+   blanked.
 2. `rewrite_threadgroup_declarations`: `threadgroup float tile[32][33];` inside a kernel
    must be ONE array shared by the threadgroup, not one per fiber. Each such declaration
    becomes a reference bound to runtime storage:
        threadgroup float (&tile)[32][33] = MSLEMU_THREADGROUP(tile, 0);
+3. `protect_qualifier_attributes`: `[[threadgroup(0)]]` becomes `[[msl_threadgroup(0)]]`
+   (an ignored attribute) instead of the invalid `[[(0)]]`.
 """
 
 from __future__ import annotations
@@ -95,6 +99,13 @@ def dedupe_address_space_overloads(text: str) -> str:
         while i < end:
             t = tokens[i].text
             if t == ";":
+                # a class (e.g. a partial specialization on `device T*`) declared twice
+                item = tokens[item_start:i]
+                if any(tok.text in ADDRESS_SPACES for tok in item) and any(tok.text == "{" for tok in item):
+                    key = tuple(tok.text for tok in item if tok.text not in ADDRESS_SPACES)
+                    if key in seen:
+                        removals.append((tokens[item_start].start, tokens[i].end))
+                    seen.add(key)
                 item_start = i + 1
                 i += 1
             elif t in ("(", "["):
@@ -125,6 +136,15 @@ def dedupe_address_space_overloads(text: str) -> str:
     return text
 
 
+# Attributes spelled like an address space: `[[threadgroup(0)]]` would lose its name to
+# the empty `threadgroup` macro.
+_QUALIFIER_ATTRIBUTE = re.compile(r"\[\[\s*(threadgroup|device|constant|thread)\s*\(")
+
+
+def protect_qualifier_attributes(text: str) -> str:
+    return _QUALIFIER_ATTRIBUTE.sub(lambda m: f"[[msl_{m.group(1)}(", text)
+
+
 class RewriteError(ValueError):
     """A `threadgroup` declaration the emulator cannot rewrite (or MSL forbids)."""
 
@@ -145,6 +165,21 @@ def _split_top_level(tokens: list[Token], sep: str) -> list[list[Token]]:
             cur.append(t)
     parts.append(cur)
     return parts
+
+
+def _declares_pointer(stmt: list[Token]) -> bool:
+    """Whether `T* p ...` / `T& r ...`: a `*` or `&` outside brackets before any `=`."""
+    depth = 0
+    for t in stmt:
+        if t.text in ("(", "[", "{", "<"):
+            depth += 1
+        elif t.text in (")", "]", "}", ">"):
+            depth -= 1
+        elif t.text == "=" and depth == 0:
+            return False
+        elif t.text in ("*", "&", "&&") and depth == 0:
+            return True
+    return False
 
 
 def _line_of(text: str, offset: int) -> int:
@@ -169,6 +204,8 @@ def rewrite_threadgroup_declarations(text: str, first_site: int = 0) -> tuple[st
                 depth -= 1
             j += 1
         stmt = tokens[i + 1 : j]
+        if _declares_pointer(stmt):
+            continue  # a pointer or reference to threadgroup memory, not storage
         declarators = _split_top_level(stmt, ",")
         where = f"line {_line_of(text, tok.start)}"
         # The type is everything before the first declarator's name.
@@ -177,8 +214,6 @@ def rewrite_threadgroup_declarations(text: str, first_site: int = 0) -> tuple[st
         if bracket == 0 or first[bracket - 1].kind != "ident":
             raise RewriteError(f"{where}: cannot parse threadgroup declaration {text[tok.start:tokens[j-1].end]!r}")
         type_tokens = first[: bracket - 1]
-        if any(t.text in ("*", "&", "&&", "(") for t in type_tokens):
-            continue  # a pointer or reference to threadgroup memory, not storage
         if not type_tokens:
             raise RewriteError(f"{where}: threadgroup declaration without a type")
         type_text = text[type_tokens[0].start : type_tokens[-1].end]

@@ -44,6 +44,18 @@ def mlx_utils() -> str:
     return "".join(parts)
 
 
+def expand_mlx_header(header: str) -> str:
+    """An MLX Metal header with the MLX headers it includes inlined in inclusion order,
+    leaving out those the prelude already holds: what MLX's JIT sources are built from.
+    Used to run MLX's own kernels (e.g. its steel GEMM) in the emulator."""
+    order = _inclusion_order(header, set(_inclusion_order(UTILS, set())))
+    parts = []
+    for h in order:
+        lines = (INCLUDE_ROOT / h).read_text().splitlines(keepends=True)
+        parts.append("".join(l for l in lines if not re.search(r'#include ".*.h"|#pragma once', l)))
+    return "\n".join(parts) + "\n"  # the header goes right before MLX's "template <...>" line
+
+
 @functools.cache
 def emulator_prelude() -> str:
     return cxx.dedupe_address_space_overloads(mlx_utils())

@@ -194,6 +194,10 @@ struct numeric_limits<bfloat>
     : float16_limits<bfloat, 0x7f7f, 0x0080, 0x3c00, 0x7f80, 0x7fc0, 0x0001, 8> {};
 
 // ---- type traits (MSL's <metal_type_traits>) ----
+using std::add_const_t;
+using std::add_pointer_t;
+using std::bool_constant;
+using std::common_type_t;
 using std::conditional;
 using std::conditional_t;
 using std::decay;
@@ -225,6 +229,20 @@ using std::remove_cv_t;
 using std::remove_reference;
 using std::remove_reference_t;
 using std::true_type;
+using std::underlying_type_t;
+using std::is_class_v;
+using std::is_enum_v;
+using std::is_void_v;
+using std::remove_pointer_t;
+using std::remove_volatile_t;
+using std::declval;
+// Address spaces are erased, so removing one changes nothing.
+template <class T>
+struct remove_addrspace {
+  using type = T;
+};
+template <class T>
+using remove_addrspace_t = T;
 template <class T>
 struct is_floating_point
     : std::bool_constant<std::is_floating_point_v<T> || is_emulated_float_v<std::remove_cv_t<T>>> {};
