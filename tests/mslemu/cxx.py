@@ -186,12 +186,12 @@ def _line_of(text: str, offset: int) -> int:
     return text.count("\n", 0, offset) + 1
 
 
-def rewrite_threadgroup_declarations(text: str, first_site: int = 0) -> tuple[str, int]:
+def rewrite_threadgroup_declarations(text: str) -> str:
     """Rewrite every statement `threadgroup T a[..], b;` into references to shared
-    storage. Returns the new text and the number of declaration sites."""
+    storage, each declarator with its own site number."""
     tokens = tokenize(text)
     edits = []
-    site = first_site
+    site = 0
     for i, tok in enumerate(tokens):
         if tok.text != "threadgroup" or (i > 0 and tokens[i - 1].text not in ("{", "}", ";")):
             continue
@@ -236,4 +236,4 @@ def rewrite_threadgroup_declarations(text: str, first_site: int = 0) -> tuple[st
     for start, end, new in reversed(edits):
         newlines = text.count("\n", start, end)
         text = text[:start] + new + "\n" * newlines + text[end:]
-    return text, site - first_site
+    return text

@@ -181,7 +181,7 @@ class MetalKernel:
     def _translation_unit(self, kname: str, metal: str, specs, output_dtypes, template) -> str:
         try:
             body = cxx.dedupe_address_space_overloads(cxx.protect_qualifier_attributes(metal))
-            body, _ = cxx.rewrite_threadgroup_declarations(body)
+            body = cxx.rewrite_threadgroup_declarations(body)
         except cxx.RewriteError as e:
             raise CompileError(f"kernel {kname}: {e}") from None
         infos = mlx_source.shape_infos(self.source, self.input_names)

@@ -359,7 +359,7 @@ mslemu_fiber_trampoline:
 
 void fiber_main(void* arg);
 
-void prepare_fiber(Worker& w, Fiber& f) {
+void prepare_fiber(Fiber& f) {
   unsigned char* top = f.stack + g_opt.stack_bytes;
 #ifdef MSLEMU_USE_UCONTEXT
   getcontext(&f.uc);
@@ -371,7 +371,6 @@ void prepare_fiber(Worker& w, Fiber& f) {
               }),
               2, unsigned(uintptr_t(&f) >> 32), unsigned(uintptr_t(&f) & 0xffffffffu));
   (void)top;
-  (void)w;
 #else
   // The frame mslemu_switch_stack pops: FP control words, r15..r12, rbx, rbp (0: the end
   // of the frame-pointer chain) and the trampoline as return address.
@@ -389,7 +388,6 @@ void prepare_fiber(Worker& w, Fiber& f) {
   s[-7] = 0;                                          // r15
   std::memcpy(&s[-8], csr, 8);
   f.sp = &s[-8];
-  (void)w;
 #endif
 }
 
@@ -645,7 +643,7 @@ void run_threadgroup(Worker& w, U3 pos) {
     f.state = State::runnable;
     f.collectives = 0;
     f.site = f.site_key = Chain{};
-    prepare_fiber(w, f);
+    prepare_fiber(f);
   }
   for (;;) {
     make_order(w);
@@ -1037,7 +1035,6 @@ namespace {
 }
 
 std::vector<std::vector<std::atomic<uint8_t>>> g_flags;
-std::vector<size_t> g_data_sizes;
 
 // Parses the request (text header, then the input bytes) and lays out device memory:
 // one reserved region, each buffer at a 1 MiB boundary after >= 1 MiB of unmapped guard.
