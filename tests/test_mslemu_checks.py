@@ -295,6 +295,16 @@ def test_compile_error_points_at_the_kernel_line():
     assert "undefined_name" in str(info.value)
 
 
+def test_threadgroup_variable_initializer_is_rejected():
+    bad = kernel("tg_init", """
+    threadgroup float tile[4] = {0.0f, 1.0f, 2.0f, 3.0f};
+    out[thread_position_in_grid.x] = tile[thread_position_in_grid.x % 4];
+""")
+    with pytest.raises(mslemu.CompileError, match="initializer on a threadgroup variable") as info:
+        run(bad)
+    assert info.value.line == line_of(bad, "threadgroup float tile[4]")
+
+
 def test_msl_conversion_rules_are_enforced():
     """bfloat converts implicitly to float only (MSL 3.1), vectors never implicitly."""
     for body in ("bfloat b = x[0];", "float4 f = half4(1.0h);"):

@@ -11,7 +11,6 @@ in the wheel by the rules of MLX's make_compiled_preamble.sh; its test checks th
 import re
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 import mslemu

@@ -148,6 +148,10 @@ def protect_qualifier_attributes(text: str) -> str:
 class RewriteError(ValueError):
     """A `threadgroup` declaration the emulator cannot rewrite (or MSL forbids)."""
 
+    def __init__(self, message: str, line: int):
+        super().__init__(message)
+        self.line = line
+
 
 def _split_top_level(tokens: list[Token], sep: str) -> list[list[Token]]:
     parts, cur, depth = [], [], 0
@@ -207,25 +211,29 @@ def rewrite_threadgroup_declarations(text: str) -> str:
         if _declares_pointer(stmt):
             continue  # a pointer or reference to threadgroup memory, not storage
         declarators = _split_top_level(stmt, ",")
-        where = f"line {_line_of(text, tok.start)}"
+        line = _line_of(text, tok.start)
+        where = f"line {line}"
         # The type is everything before the first declarator's name.
         first = declarators[0]
         bracket = next((k for k, t in enumerate(first) if t.text == "["), len(first))
         if bracket == 0 or first[bracket - 1].kind != "ident":
-            raise RewriteError(f"{where}: cannot parse threadgroup declaration {text[tok.start:tokens[j-1].end]!r}")
+            raise RewriteError(
+                f"{where}: cannot parse threadgroup declaration {text[tok.start:tokens[j-1].end]!r}", line
+            )
         type_tokens = first[: bracket - 1]
         if not type_tokens:
-            raise RewriteError(f"{where}: threadgroup declaration without a type")
+            raise RewriteError(f"{where}: threadgroup declaration without a type", line)
         type_text = text[type_tokens[0].start : type_tokens[-1].end]
         pieces = []
         for k, d in enumerate(declarators):
             decl = d[len(type_tokens) :] if k == 0 else d
             if any(t.text == "=" for t in decl) or any(t.text == "{" for t in decl):
-                raise RewriteError(f"{where}: MSL does not allow an initializer on a threadgroup variable")
+                raise RewriteError(f"{where}: MSL does not allow an initializer on a threadgroup variable", line)
             if not decl or decl[0].kind != "ident" or (len(decl) > 1 and decl[1].text != "["):
                 raise RewriteError(
                     f"{where}: cannot rewrite threadgroup declaration {text[tok.start:tokens[j-1].end]!r}; "
-                    "declare one threadgroup array or scalar per statement"
+                    "declare one threadgroup array or scalar per statement",
+                    line,
                 )
             name = decl[0].text
             dims = text[decl[1].start : decl[-1].end] if len(decl) > 1 else ""

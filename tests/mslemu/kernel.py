@@ -10,7 +10,7 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -183,7 +183,9 @@ class MetalKernel:
             body = cxx.dedupe_address_space_overloads(cxx.protect_qualifier_attributes(metal))
             body = cxx.rewrite_threadgroup_declarations(body)
         except cxx.RewriteError as e:
-            raise CompileError(f"kernel {kname}: {e}") from None
+            code = metal.splitlines()[e.line - 1]
+            raise CompileError(f"kernel {kname}: {e}\n    {e.line} | {code.strip()}", location=f"{kname}.metal:{e.line}",
+                               line=e.line, code=code) from None
         infos = mlx_source.shape_infos(self.source, self.input_names)
         args = []
         index = 0
