@@ -80,7 +80,7 @@ template <bool SCALE_Q, bool SOFTCAP, int MASK, bool CAUSAL, class MaskT> struct
 // Merges softmax states (m, l) in the log2 domain: the factor for a state of max m
 // against the new max; a state that saw no key (m = -inf) weighs nothing.
 __device__ __forceinline__ float rescale(float m, float m_new) {
-  return m == -INFINITY ? 0.0f : fast_exp2(m - m_new);
+  return m == -inf() ? 0.0f : fast_exp2(m - m_new);
 }
 
 }  // namespace ke

@@ -89,7 +89,7 @@ __device__ __forceinline__ void attention_decode(const T* q, const T* k, const T
   float o[R][DL], m[R], l[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    m[r] = -INFINITY;
+    m[r] = -inf();
     l[r] = 0.0f;
 #pragma unroll
     for (int i = 0; i < DL; ++i) o[r][i] = 0.0f;
@@ -134,7 +134,7 @@ __device__ __forceinline__ void attention_decode(const T* q, const T* k, const T
     for (int u = 0; u < U; ++u) {
       const int j = key0 + u * GROUPS;
 #pragma unroll
-      for (int r = 0; r < R; ++r) s[r][u] = j < end ? score(s[r][u], query_of(r), j, mrow[r]) : -INFINITY;
+      for (int r = 0; r < R; ++r) s[r][u] = j < end ? score(s[r][u], query_of(r), j, mrow[r]) : -inf();
     }
     // online softmax: one rescale per step of U keys
 #pragma unroll
@@ -200,7 +200,7 @@ __device__ __forceinline__ void attention_decode(const T* q, const T* k, const T
   __syncthreads();
   for (int e = tid; e < R * D; e += WARPS * 32) {
     const int r = e / D, d = e % D;
-    float m_all = -INFINITY;
+    float m_all = -inf();
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) m_all = fmaxf(m_all, sm[w * R + r]);
     float l_all = 0.0f, o_all = 0.0f;
@@ -236,12 +236,12 @@ __device__ __forceinline__ void attention_merge(const float* o_part, const float
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x / 32;
   const float* ml = ml_part + row * S * 2;
 
-  float m_all = -INFINITY;
+  float m_all = -inf();
   for (int s = tid; s < S; s += blockDim.x) m_all = fmaxf(m_all, ml[2 * s]);
   m_all = warp_max(m_all);
   if (lane == 0) scratch[warp] = m_all;
   __syncthreads();
-  m_all = -INFINITY;
+  m_all = -inf();
   for (int w = 0; w < warps; ++w) m_all = fmaxf(m_all, scratch[w]);
   __syncthreads();
 

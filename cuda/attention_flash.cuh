@@ -102,7 +102,7 @@ __device__ __forceinline__ void attention_flash(const T* q, const T* k, const T*
   for (int i = 0; i < MTW; ++i) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      m[i][h] = -INFINITY;
+      m[i][h] = -inf();
       l[i][h] = 0.0f;
     }
 #pragma unroll
@@ -152,7 +152,7 @@ __device__ __forceinline__ void attention_flash(const T* q, const T* k, const T*
           if (!needs_mask) {
             s[i][n][e] = score.plain(s[i][n][e]);
           } else if (key >= sz.Lk) {
-            s[i][n][e] = -INFINITY;
+            s[i][n][e] = -inf();
           } else if (row >= sz.Lq) {
             s[i][n][e] = MASKED;  // a padding row: never stored
           } else {

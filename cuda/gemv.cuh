@@ -8,7 +8,7 @@
 // 32 * VEC columns with coalesced row segments; the WARPS warps of a block split K (ROWS
 // rows of W in flight per warp) and sum their partials through shared memory.
 //
-// sizes: [M, N, K, alpha (f32 bits)]
+// sizes: [M, N, K, alpha (f32 bits), a_batched, b_batched]; blockIdx.y is the batch.
 #ifndef KE_GEMV_CUH
 #define KE_GEMV_CUH
 
@@ -31,7 +31,12 @@ __device__ __forceinline__ void gemv(const T* x, const T* w, const T* bias, cons
                                      const int* sizes, T* out) {
   const int M = sizes[0], N = sizes[1], K = sizes[2];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  Epilogue<T, BIAS, ACT, RESIDUAL, SCALE> epi{bias, residual, __int_as_float(sizes[3])};
+  const long batch = blockIdx.y;
+  x += sizes[4] ? batch * M * K : 0;
+  w += sizes[5] ? batch * N * K : 0;
+  out += batch * M * N;
+  Epilogue<T, BIAS, ACT, RESIDUAL, SCALE> epi{bias, RESIDUAL ? residual + batch * M * N : residual,
+                                             __int_as_float(sizes[3])};
   const bool vec = K % VEC == 0 && (reinterpret_cast<unsigned long long>(x) % (VEC * sizeof(T))) == 0 &&
                    (reinterpret_cast<unsigned long long>(w) % (VEC * sizeof(T))) == 0 &&
                    (TB || N % VEC == 0);

@@ -70,6 +70,8 @@ template <int WIDTH = 32> __device__ __forceinline__ float warp_max(float x) {
 // MLX's attention gives such a row.
 constexpr float MASKED = -1.0e30f;
 
+__device__ __forceinline__ float inf() { return __int_as_float(0x7f800000); }
+
 __device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }
 
 // ---- activations of the fused epilogue (template argument ACT) ----------------------

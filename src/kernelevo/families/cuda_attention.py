@@ -20,6 +20,13 @@ def decode_rows(p, call) -> int:
     return call["q_len"] * (call["gqa"] if p["pack_gqa"] else 1)
 
 
+def decode_registers(p, call) -> int:
+    """An upper estimate of a thread's registers in cuda/attention_decode.cuh (checked against
+    ptxas's report by tests/test_cuda_nvrtc.py)."""
+    rows = decode_rows(p, call)
+    return (2 * rows + 6) * call["head_dim"] // p["key_lanes"] + 4 * rows + 48
+
+
 def decode_smem(p, call) -> int:
     """Each warp's partial output and softmax state for every row (f32)."""
     return p["warps"] * decode_rows(p, call) * (call["head_dim"] + 2) * 4
@@ -45,9 +52,10 @@ _decode_constraints = (
     Constraint("head_dim * itemsize % (16 * key_lanes) == 0 (whole 16-byte loads per lane)",
                lambda p, chip, call: call["head_dim"] * itemsize(call) % (16 * p["key_lanes"]) == 0,
                on_call=True),
-    Constraint("rows * head_dim / key_lanes <= 64, rows = q_len * (gqa if pack_gqa else 1) "
-               "(queries and outputs in registers)",
-               lambda p, chip, call: decode_rows(p, call) * call["head_dim"] <= 64 * p["key_lanes"],
+    Constraint("(2 * rows + 6) * head_dim / key_lanes + 4 * rows + 48 <= min(255, 65536 / "
+               "threads), rows = q_len * (gqa if pack_gqa else 1), threads = 32 * warps "
+               "(queries, outputs and loads in flight in registers)",
+               lambda p, chip, call: decode_registers(p, call) <= min(255, 65536 // (32 * p["warps"])),
                on_call=True),
     Constraint("warps * rows * (head_dim + 2) * 4 <= chip.threadgroup_memory",
                lambda p, chip, call: decode_smem(p, call) <= chip.threadgroup_memory, on_call=True),

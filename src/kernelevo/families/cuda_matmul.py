@@ -35,6 +35,11 @@ def gemm_smem(p, call) -> int:
     return p.get("stages", 1) * (a + b) * (itemsize(call) if call else 2)
 
 
+def _registers_fit(p) -> bool:
+    threads = 32 * p["wm"] * p["wn"]
+    return p["bm"] * p["bn"] // threads + 96 <= min(224 if threads >= 128 else 160, 65536 // threads)
+
+
 def _tensor_core_dtype():
     return Constraint("dtype in {f16, bf16} (tensor-core MMA)",
                       lambda p, chip, call: call["dtype"] in ("f16", "bf16"), on_call=True)
@@ -46,9 +51,10 @@ _warp_tiling = (
     Constraint("bn % (16 * wn) == 0 (pairs of 8-column fragments per warp)",
                lambda p, chip, call: p["bn"] % (16 * p["wn"]) == 0),
     threads_fit(lambda p: 32 * p["wm"] * p["wn"], "32 * wm * wn threads"),
-    Constraint("32 * wm * wn * (bm * bn / (32 * wm * wn) + 64) <= 65536 (accumulators plus "
-               "working registers, for every thread of the block)",
-               lambda p, chip, call: p["bm"] * p["bn"] + 2048 * p["wm"] * p["wn"] <= 65536),
+    Constraint("bm * bn / threads + 96 <= min(224 if threads >= 128 else 160, 65536 / threads), "
+               "threads = 32 * wm * wn (accumulators plus working registers within a thread's "
+               "255 and the block's 65536)",
+               lambda p, chip, call: _registers_fit(p)),
     Constraint("stages * (A tile + B tile) * itemsize <= chip.threadgroup_memory (rows padded "
                "by 16 bytes)", lambda p, chip, call: gemm_smem(p, call) <= chip.threadgroup_memory),
     _tensor_core_dtype(),
@@ -93,6 +99,12 @@ CUDA_SPLITK = Family(
 )
 
 
+def gemv_registers(p, call) -> int:
+    """An upper estimate of a thread's registers in cuda/gemv.cuh (checked against ptxas's
+    report by tests/test_cuda_nvrtc.py)."""
+    return 2 * pow2ceil(call["M"]) * max(p["rows"], p["vec"]) + 40
+
+
 def gemv_smem(p, call) -> int:
     """Shared memory of cuda/gemv.cuh: the partial sums of all warps but one, when the
     weight is stored [K, N] (not transpose_b)."""
@@ -116,8 +128,9 @@ CUDA_GEMV = Family(
     constraints=(
         threads_fit(lambda p: 32 * p["warps"], "32 * warps threads"),
         Constraint("M <= 16", lambda p, chip, call: call["M"] <= 16, on_call=True),
-        Constraint("pow2ceil(M) * max(rows, vec) <= 64 (accumulators in registers)",
-                   lambda p, chip, call: pow2ceil(call["M"]) * max(p["rows"], p["vec"]) <= 64,
+        Constraint("pow2ceil(M) * max(rows, vec) <= 64 and 2 * pow2ceil(M) * max(rows, vec) "
+                   "+ 40 <= 65536 / (32 * warps) (accumulators in registers)",
+                   lambda p, chip, call: gemv_registers(p, call) <= min(168, 65536 // (32 * p["warps"])),
                    on_call=True),
         Constraint("(warps - 1) * pow2ceil(M) * 32 * vec * 4 <= chip.threadgroup_memory when "
                    "not transpose_b", lambda p, chip, call: gemv_smem(p, call) <= chip.threadgroup_memory,
