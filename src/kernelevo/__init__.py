@@ -7,11 +7,11 @@
 
 from .config import ConfigError, KernelConfig
 from .dsl import DSLError
-from .ops import BackendNotSupportedError, explain_matmul, forget_selections, matmul, select_matmul
+from .ops import BackendNotSupportedError, explain_matmul, forget_selections, linear, matmul, select_matmul
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendNotSupportedError", "ConfigError", "DSLError", "KernelConfig", "explain_matmul",
-    "forget_selections", "matmul", "select_matmul", "__version__",
+    "forget_selections", "linear", "matmul", "select_matmul", "__version__",
 ]
