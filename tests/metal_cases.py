@@ -136,40 +136,63 @@ def shipped_attention_cases(table) -> list[AttentionCase]:
 
 # ---- a seeded sample of each family's parameter space --------------------------------
 
-SAMPLE_SHAPES = {
-    # family -> (matmul_features or attention_features keywords) a sampled configuration runs on
-    "gemm": dict(M=37, N=45, K=40, dtype="f16", transpose_b=True),
-    "splitk": dict(M=20, N=33, K=16 * 64 + 5, dtype="f32"),
-    "gemv": dict(M=1, N=90, K=70, dtype="bf16", transpose_b=True),
-    "gemv_wide": dict(M=7, N=21, K=68, dtype="f16", transpose_b=True),
-    "flash": dict(batch=1, heads=4, kv_heads=2, q_len=33, kv_len=40, head_dim=64, dtype="bf16", mask="causal"),
-    "decode": dict(batch=1, heads=8, kv_heads=2, q_len=2, kv_len=70, head_dim=64, dtype="f16"),
-    "decode_split": dict(batch=1, heads=4, kv_heads=1, q_len=1, kv_len=300, head_dim=128, dtype="bf16"),
+# family -> the calls sampled configurations run on, in turn (matmul_features or
+# attention_features keywords, with mask_shape for array masks)
+SAMPLE_CALLS = {
+    "gemm": [dict(M=37, N=45, K=40, dtype="f16", transpose_b=True),
+             dict(M=50, N=29, K=33, dtype="f32", transpose_a=True),
+             dict(M=20, N=70, K=24, dtype="bf16", transpose_a=True, transpose_b=True)],
+    "splitk": [dict(M=20, N=33, K=16 * 64 + 5, dtype="f32"),
+               dict(M=9, N=40, K=2100, dtype="bf16", transpose_b=True)],
+    "gemv": [dict(M=1, N=90, K=70, dtype="bf16", transpose_b=True),
+             dict(M=1, N=65, K=45, dtype="f32"),
+             dict(M=41, N=1, K=50, dtype="f16")],
+    "gemv_wide": [dict(M=7, N=21, K=68, dtype="f16", transpose_b=True),
+                  dict(M=3, N=50, K=36, dtype="bf16", transpose_b=True)],
+    "flash": [dict(batch=1, heads=4, kv_heads=2, q_len=33, kv_len=40, head_dim=64, dtype="bf16", mask="causal"),
+              dict(batch=1, heads=5, kv_heads=1, q_len=20, kv_len=33, head_dim=80, dtype="f16", mask="bool",
+                   mask_shape=(1, 5, 20, 33)),
+              dict(batch=2, heads=2, kv_heads=2, q_len=17, kv_len=29, head_dim=96, dtype="f16",
+                   mask="additive", mask_shape=(2, 1, 1, 29))],
+    "decode": [dict(batch=1, heads=8, kv_heads=2, q_len=2, kv_len=70, head_dim=64, dtype="f16"),
+               dict(batch=1, heads=5, kv_heads=1, q_len=1, kv_len=90, head_dim=128, dtype="bf16", mask="causal"),
+               dict(batch=2, heads=4, kv_heads=4, q_len=3, kv_len=50, head_dim=72, dtype="f32", mask="bool",
+                    mask_shape=(2, 1, 3, 50))],
+    "decode_split": [dict(batch=1, heads=4, kv_heads=1, q_len=1, kv_len=300, head_dim=128, dtype="bf16"),
+                     dict(batch=1, heads=8, kv_heads=1, q_len=2, kv_len=200, head_dim=64, dtype="f16",
+                          mask="additive", mask_shape=(1, 8, 2, 200))],
 }
+
+
+def _features(op: str, call: dict) -> dict:
+    call = {k: v for k, v in call.items() if k != "mask_shape"}
+    return matmul_features(**call) if op == "matmul" else attention_features(**call)
 
 
 def sampled_configs(op: str, count: int, seed: int) -> list[tuple[str, dict]]:
     """`count` configurations of each Metal family of `op`, drawn (seeded) from those its
-    schema accepts on an M1 for the family's sample shape."""
+    schema accepts on an M1 for every one of the family's sample calls; the i-th runs on
+    the (i mod n)-th call."""
     rng = random.Random(seed)
     out = []
     for fam in families_for(op, "metal"):
         if fam.name == "mlx":
             continue
-        shape = SAMPLE_SHAPES[fam.name]
-        features = matmul_features(**shape) if op == "matmul" else attention_features(**shape)
-        space = list(fam.search_space(CHIPS["m1"], features))
-        for params in rng.sample(space, min(count, len(space))):
-            out.append((KernelConfig.make(op, "metal", fam.name, params).to_dsl(), shape))
+        calls = SAMPLE_CALLS[fam.name]
+        space = [params for params in fam.search_space(CHIPS["m1"], _features(op, calls[0]))
+                 if all(not fam.violations(params, CHIPS["m1"], _features(op, c)) for c in calls[1:])]
+        for i, params in enumerate(rng.sample(space, min(count, len(space)))):
+            out.append((KernelConfig.make(op, "metal", fam.name, params).to_dsl(), calls[i % len(calls)]))
     return out
 
 
-def sampled_matmul_cases(count: int = 3, seed: int = 5) -> list[MatmulCase]:
-    return [MatmulCase(cfg, s["M"], s["N"], s["K"], dtype=s["dtype"], tb=s.get("transpose_b", False))
+def sampled_matmul_cases(count: int = 6, seed: int = 5) -> list[MatmulCase]:
+    return [MatmulCase(cfg, s["M"], s["N"], s["K"], dtype=s["dtype"], ta=s.get("transpose_a", False),
+                       tb=s.get("transpose_b", False))
             for cfg, s in sampled_configs("matmul", count, seed)]
 
 
-def sampled_attention_cases(count: int = 3, seed: int = 5) -> list[AttentionCase]:
+def sampled_attention_cases(count: int = 6, seed: int = 5) -> list[AttentionCase]:
     return [AttentionCase(cfg, s["batch"], s["heads"], s["kv_heads"], s["q_len"], s["kv_len"], s["head_dim"],
-                          s["dtype"], mask=s.get("mask", "none"))
+                          s["dtype"], mask=s.get("mask", "none"), mask_shape=s.get("mask_shape"))
             for cfg, s in sampled_configs("attention", count, seed)]

@@ -51,31 +51,51 @@ def test_every_metal_family_has_a_base_case():
     assert names == set(BASES)
 
 
+def _alternatives(base: KernelConfig, param, features):
+    """Valid configurations that differ from base in `param` — alone where the schema
+    allows, else together with one other parameter (sm * sn == 32 ties sm to sn)."""
+    def values(p):
+        if p.kind == "int" and not p.allowed and (p.hi - p.lo) // p.multiple_of <= 64:
+            domain = range(p.lo, p.hi + 1, p.multiple_of)
+        else:
+            domain = p.allowed if p.kind == "int" and p.allowed else p.search_values(M1)
+        return [v for v in domain if v != base.get(p.name)]
+
+    def valid(params):
+        return not base.schema.violations(params, M1, features)
+
+    for value in values(param):
+        params = {**base.as_dict(), param.name: value}
+        if valid(params):
+            yield KernelConfig.make(base.op, "metal", base.family, params)
+            return
+    for other in base.schema.params:
+        for value in values(param):
+            for second in values(other) if other is not param else []:
+                params = {**base.as_dict(), param.name: value, other.name: second}
+                if valid(params):
+                    yield KernelConfig.make(base.op, "metal", base.family, params)
+                    return
+
+
 @pytest.mark.parametrize("family", sorted(BASES))
 def test_every_parameter_changes_the_generated_kernels(family):
     """The kernel reads each parameter: another valid value of any one of them gives
     different kernels (template arguments, grid, threadgroup, body or outputs), not only a
-    different name."""
+    different name, and a kernel name of its own (names are the compiled kernels' keys)."""
     text, features = BASES[family]
     base = KernelConfig.parse(text, "matmul" if "M" in features else "attention", "metal")
     base.check(M1, features)
     plan = _lower(base, features)
-    names = {k.name for k in plan.kernels}
+    names = {k.name for k in plan.kernels if k.name.startswith(base.name)}
+    assert names, "a configuration's kernels carry its name"
     for param in base.schema.params:
-        values = param.search_values(M1) if param.kind != "int" or not param.allowed else param.allowed
-        for value in values:
-            if value == base.get(param.name):
-                continue
-            other = KernelConfig.make(base.op, "metal", family, {**base.as_dict(), param.name: value})
-            if other.schema.violations(other.as_dict(), M1, features):
-                continue
-            changed = _lower(other, features)
-            assert _what_runs(changed) != _what_runs(plan), f"{param.name}={value} changes nothing"
-            assert not names & {k.name for k in changed.kernels if k.name.startswith(family)}, \
-                f"{param.name}={value} reuses a kernel name"
-            break
-        else:
-            pytest.fail(f"no other valid value of {param.name} to try")
+        other = next(_alternatives(base, param, features), None)
+        assert other is not None, f"no other valid value of {param.name} to try"
+        changed = _lower(other, features)
+        assert _what_runs(changed) != _what_runs(plan), f"{other.to_dsl()} changes nothing"
+        assert not names & {k.name for k in changed.kernels if k.name.startswith(other.name)}, \
+            f"{other.to_dsl()} reuses a kernel name"
 
 
 def test_limits_are_the_schemas_and_lowering_asserts_them():

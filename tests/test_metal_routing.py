@@ -102,3 +102,11 @@ def test_without_metal_the_launch_is_a_clear_error():
     inputs = [mx.zeros((8, 8)), mx.zeros((8, 8)), mx.array(kernel.sizes, dtype=mx.int32)]
     with pytest.raises(ke.BackendNotSupportedError, match="no Metal back-end"):
         gpu.ext.launch(gpu._ext_kernel(kernel), inputs, stream=None)
+
+
+def test_a_window_with_more_queries_than_keys_goes_to_mlx_on_every_chip():
+    """flash needs every query to see a key (q_len <= kv_len when causal or windowed); the
+    shipped files send such calls to MLX rather than to a rule that would fail its check."""
+    features = attention_features(batch=1, heads=4, kv_heads=2, q_len=64, kv_len=32, head_dim=64, window=16)
+    for chip in CHIPS:
+        assert chosen(chip, "attention", features).family == "mlx"

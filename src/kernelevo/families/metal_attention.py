@@ -51,7 +51,7 @@ METAL_FLASH = Family(
     constraints=(
         Constraint("bq % (8 * wm) == 0", lambda p, chip, call: p["bq"] % (8 * p["wm"]) == 0),
         threads_fit(lambda p: 32 * p["wm"] * p["wn"], "32 * wm * wn threads"),
-        memory_fit(flash_tile_bytes, "(bq + bk) * (head_dim + pad) * itemsize, pad = 16 / itemsize"),
+        memory_fit(flash_tile_bytes, "(bq + bk) * (head_dim + 16 / itemsize) * itemsize"),
         Constraint("head_dim in {64, 72, 80, 96, 128, 192, 256}",
                    lambda p, chip, call: call["head_dim"] in HEAD_DIMS, on_call=True),
         Constraint("q_len <= kv_len when causal or windowed (every query sees a key)",

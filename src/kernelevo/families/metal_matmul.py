@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .gpu_common import builtin, itemsize, memory_fit, threads_fit
+from .gpu_common import builtin, itemsize, threads_fit
 from .schema import Constraint, Family, Param
 
 POW2_TILES = (16, 32, 64, 128)
@@ -25,8 +25,10 @@ def gemm_tile_bytes(p, call) -> int:
     return (a_elems + b_elems) * size
 
 
-_TILE_TEXT = ("(A + B) * itemsize, A = bm * (bk + pad) (bk * (bm + pad) when transpose_a), "
-              "B = bk * (bn + pad) (bn * (bk + pad) when transpose_b), pad = 16 / itemsize")
+_tiles_fit = Constraint(
+    "(A + B) * itemsize <= chip.threadgroup_memory, where A = bm * (bk + pad) (bk * (bm + pad) when "
+    "transpose_a), B = bk * (bn + pad) (bn * (bk + pad) when transpose_b), pad = 16 / itemsize",
+    lambda p, chip, call: gemm_tile_bytes(p, call) <= chip.threadgroup_memory)
 
 
 _simdgroup_tiling = (
@@ -59,7 +61,7 @@ METAL_GEMM = Family(
     constraints=(
         *_simdgroup_tiling,
         threads_fit(lambda p: 32 * p["wm"] * p["wn"], "32 * wm * wn threads"),
-        memory_fit(gemm_tile_bytes, _TILE_TEXT),
+        _tiles_fit,
     ),
 )
 
@@ -77,7 +79,7 @@ METAL_SPLITK = Family(
     constraints=(
         *_simdgroup_tiling,
         threads_fit(lambda p: 32 * p["wm"] * p["wn"], "32 * wm * wn threads"),
-        memory_fit(gemm_tile_bytes, _TILE_TEXT),
+        _tiles_fit,
         Constraint("parts * bk <= K (every part gets at least one step)",
                    lambda p, chip, call: p["parts"] * p["bk"] <= call["K"], on_call=True),
         Constraint("batch == 1", lambda p, chip, call: call["batch"] == 1, on_call=True),
@@ -112,7 +114,7 @@ METAL_GEMV_WIDE = Family(
     doc="A few rows (2-15) of f16/bf16 against a transposed weight: each threadgroup streams "
         "four weight rows once for up to `vecs` input vectors held in registers.",
     params=(
-        Param("vecs", "int", "input vectors per pass over the weight", lo=1, hi=5),
+        Param("vecs", "int", "input vectors per pass over the weight", lo=1, hi=5, search=(1, 2, 3, 4, 5)),
         Param("lanes", "int", "threads of each simdgroup along K (16: half a simdgroup per "
               "row, so twice the rows in flight)", allowed=(16, 32)),
         Param("split_passes", "bool", "run the passes over the weight as separate threadgroup "

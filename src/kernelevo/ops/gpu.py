@@ -29,7 +29,7 @@ MX_TYPES = {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
 
 _matmul_choices = selection_cache()
 _attention_choices = selection_cache()
-_kernels: dict[str, object] = {}  # kernel name -> the extension's GpuKernel
+_kernels: dict[tuple[str, str], object] = {}  # (backend, kernel name) -> the extension's GpuKernel
 launch_kernel = ext.launch  # (GpuKernel, inputs, stream=) -> outputs; tests put the emulator here
 _sizes: OrderedDict[tuple, mx.array] = OrderedDict()  # `sizes` contents -> its int32 array
 
@@ -44,14 +44,14 @@ def require_gpu(op: str) -> str:
     backend = gpu_backend()
     if backend not in GPU_BACKENDS or not (backend == "metal" or mx.cuda.is_available()):
         raise BackendNotSupportedError(
-            f"[kernelevo.{op}] not supported on this backend: kernelevo launches GPU kernels "
+            f"[kernelevo.{op}] not yet supported on this backend: kernelevo launches GPU kernels "
             f"through MLX's Metal back-end (Apple silicon) or its CUDA back-end (mlx-cuda-13), "
             f"and this MLX has neither")
     return backend
 
 
 def _ext_kernel(k: LoweredKernel):
-    hit = _kernels.get(k.name)
+    hit = _kernels.get((k.backend, k.name))
     if hit is None:
         hit = ext.GpuKernel()
         hit.backend, hit.name, hit.source, hit.header = k.backend, k.name, k.source, k.header
@@ -62,7 +62,7 @@ def _ext_kernel(k: LoweredKernel):
         hit.template_args = list(k.template_args)
         hit.shared_memory, hit.init_value = k.shared_memory, k.init_value
         hit.ensure_row_contiguous = k.ensure_row_contiguous
-        _kernels[k.name] = hit
+        _kernels[(k.backend, k.name)] = hit
     # Output shapes change with the call while the name (the compiled kernel) does not.
     hit.output_shapes = [list(s) for s in k.output_shapes]
     hit.grid = k.grid
