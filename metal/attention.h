@@ -313,13 +313,13 @@ METAL_FUNC void attention_flash(PQ q, PK k, PV v, PM mask, PS sizes, PO out, thr
 
 // ---- decode: few queries against many keys -------------------------------------------
 //
-// A threadgroup serves R query rows against one key/value head: with PACK all gqa query
-// heads of that KV head (R = gqa * Lq), so K and V are read once per KV head, else one
-// query head (R = Lq). Each lane holds elements d = lane + 32 i of a row (DPL of them);
-// the S simdgroups take keys in turn (simdgroup s: keys s, s + S, ...), a simdgroup all
-// R rows of each key it takes: one read of the key and value rows, R dot products summed
-// across the simdgroup, R online-softmax updates in registers. The simdgroups then merge
-// their (m, l, o) through threadgroup memory, a bounded number of rows at a time.
+// With PACK a threadgroup serves all R = gqa * Lq query rows of one key/value head, so K
+// and V are read once per KV head; without, one query row (R = 1), as MLX's sdpa_vector.
+// Each lane holds elements d = lane + 32 i of a row (DPL of them); the S simdgroups take
+// keys in turn (simdgroup s: keys s, s + S, ...), a simdgroup all R rows of each key it
+// takes: one read of the key and value rows, R dot products summed across the simdgroup,
+// R online-softmax updates in registers. The simdgroups then merge their (m, l, o)
+// through threadgroup memory, a bounded number of rows at a time.
 //
 // Single pass (SPLIT false): one threadgroup per head covers every key and writes the
 // output. Split (SPLIT true): threadgroup x takes the keys of slice x (`chunk` of them)
@@ -334,19 +334,20 @@ struct DecodeScratch {
   static constant constexpr int ML = S == 1 ? 1 : 2 * S * R + R;  // m (then weights), l; row sums
 };
 
-// Which query row the r-th row of a decode threadgroup is.
+// Which query row the r-th row of a decode threadgroup is: packed, query r % Lq of head
+// head0 + r / Lq; else the threadgroup's one row (query0 of head0).
 struct DecodeRows {
-  int b, head0, Hq, Lq;
+  int b, head0, query0, Hq, Lq;
   bool pack;
   METAL_FUNC int query(int r) const {
-    return pack ? r % Lq : r;
-  }
-  // index of the row in q and out ([B * Hq * Lq] rows of D)
-  METAL_FUNC int64_t row(int r) const {
-    return (int64_t(b) * Hq + head0 + (pack ? r / Lq : 0)) * Lq + query(r);
+    return pack ? r % Lq : query0;
   }
   METAL_FUNC int head(int r) const {
     return head0 + (pack ? r / Lq : 0);
+  }
+  // index of the row in q and out ([B * Hq * Lq] rows of D)
+  METAL_FUNC int64_t row(int r) const {
+    return (int64_t(b) * Hq + head(r)) * Lq + query(r);
   }
 };
 
@@ -362,12 +363,15 @@ METAL_FUNC void attention_decode(PQ q, PK k, PV v, PM mask, PS sizes, PO out, PP
   const AttnSizes z = attn_sizes(sizes);
   const auto scorer = Scorer<SCALE_Q, SOFTCAP, MASK, CAUSAL>::make(z);
   const int gqa = z.Hq / z.Hkv;
-  const int heads = PACK ? z.Hkv : z.Hq;
-  const int b = int(tg.y) / heads, hh = int(tg.y) % heads;
-  const int kvh = PACK ? hh : hh / gqa;
+  static_assert(PACK || R == 1, "unpacked, a threadgroup serves one query row");
+  // grid y: (batch, KV head) packed, else (batch, query head, query)
+  const int per_batch = PACK ? z.Hkv : z.Hq * z.Lq;
+  const int b = int(tg.y) / per_batch, within = int(tg.y) % per_batch;
+  const int kvh = PACK ? within : within / z.Lq / gqa;
   DecodeRows rows;
   rows.b = b;
-  rows.head0 = PACK ? kvh * gqa : hh;
+  rows.head0 = PACK ? kvh * gqa : within / z.Lq;
+  rows.query0 = PACK ? 0 : within % z.Lq;
   rows.Hq = z.Hq;
   rows.Lq = z.Lq;
   rows.pack = PACK;

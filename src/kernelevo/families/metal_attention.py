@@ -22,8 +22,9 @@ def is_causal(call) -> bool:
     return call["mask"] == "causal" or call["window"] > 0
 
 
-_pack_gqa = Param("pack_gqa", "bool", "one threadgroup serves all query heads of a KV head, so "
-                  "K and V are read once per KV head")
+_pack_gqa = Param("pack_gqa", "bool", "one threadgroup serves every query row of a KV head (its "
+                  "gqa query heads, q_len queries each), so K and V are read once per KV head (no: one "
+                  "threadgroup per query row, as MLX's vector kernels)")
 _decode_calls = (
     Constraint("q_len <= 8", lambda p, chip, call: call["q_len"] <= 8, on_call=True),
     Constraint("q_len <= kv_len", lambda p, chip, call: call["q_len"] <= call["kv_len"], on_call=True),

@@ -235,11 +235,11 @@ def _lower_attention(config: KernelConfig, features: tuple, scale: float, mask_d
     if config.family not in ("decode", "decode_split"):
         raise ValueError(f"no Metal kernel for the attention family {config.family!r}")
     pack = bool(p["pack_gqa"])
-    rows = Lq * (Hq // Hkv if pack else 1)
+    rows = Lq * (Hq // Hkv) if pack else 1  # query rows per threadgroup
     split = config.family == "decode_split"
     simdgroups = 1 if split else p["simdgroups"]  # a split decode slice is one simdgroup
     threads = 32 * simdgroups
-    heads = B * (Hkv if pack else Hq)
+    heads = B * (Hkv if pack else Hq * Lq)  # threadgroups along grid y
     chunk = cdiv(Lk, p["blocks"]) if split else Lk
     slices = cdiv(Lk, chunk) if split else 1
     assert slices <= MERGE_SLICES
