@@ -112,3 +112,32 @@ def test_limits_are_the_schemas_and_lowering_asserts_them():
             "  else { gemm bm=128 bn=128 bk=64 wm=4 wn=4 swizzle=0 epilogue=fused }\n}\n")
     messages = [d.message for d in check(parse(text), text, chip=M1)]
     assert any("threadgroup_memory" in m for m in messages) and any("max_threads" in m for m in messages)
+
+
+def _code(text: str) -> str:
+    """Metal source without its comments."""
+    import re
+
+    return re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.DOTALL)
+
+
+def test_templates_keep_the_rules_only_apples_compiler_would_enforce():
+    """What the emulator cannot see (it erases address spaces and accepts C++ that MSL
+    rejects), held by reading the templates: kernel data never has a spelled-out
+    `device`/`constant` pointer type — MLX binds inputs of fewer than 8 elements as
+    `constant` and larger ones as `device`, so the templates take them as template pointer
+    types; threadgroup storage is declared only in kernel bodies; no erf, no nullptr, no
+    double."""
+    import re
+
+    from kernelevo.lowering import template_dir
+
+    for path in sorted(template_dir("metal").glob("*.h")):
+        code = _code(path.read_text())
+        assert not re.search(r"\bdevice\b", code), f"{path.name} names the device address space"
+        assert not re.search(r"\bconstant\b(?!\s+constexpr)", code.replace("static constant constexpr", "")), \
+            f"{path.name} names the constant address space"
+        assert not re.search(r"\bthreadgroup\s+\w+\s+\w+\s*\[", code), \
+            f"{path.name} declares threadgroup storage outside a kernel body"
+        for word in ("erf", "nullptr", "double"):
+            assert not re.search(rf"\b{word}\s*\(|\b{word}\b(?!_)", code), f"{path.name} uses {word}"

@@ -110,3 +110,22 @@ def test_a_window_with_more_queries_than_keys_goes_to_mlx_on_every_chip():
     features = attention_features(batch=1, heads=4, kv_heads=2, q_len=64, kv_len=32, head_dim=64, window=16)
     for chip in CHIPS:
         assert chosen(chip, "attention", features).family == "mlx"
+
+
+@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
+def test_gradients_of_matmul_run_on_metal_kernels_too(monkeypatch, ta, tb):
+    """The VJP is built from kernelevo matmuls, which route to Metal kernels again."""
+    launch = pretend_metal(monkeypatch, "m1")
+    M, N, K = 37, 45, 24
+    a = random_operand((K, M) if ta else (M, K), "f32", 10)
+    b = random_operand((N, K) if tb else (K, N), "f32", 11)
+    da, db = mx.grad(lambda x, w: (ke.matmul(x, w, transpose_a=ta, transpose_b=tb) ** 2).sum(),
+                     argnums=(0, 1))(a, b)
+    mx.eval(da, db)
+    a64 = to_f64(a).T if ta else to_f64(a)
+    b64 = to_f64(b).T if tb else to_f64(b)
+    dy = 2 * a64 @ b64
+    da_ref, db_ref = dy @ b64.T, a64.T @ dy
+    assert_close(da, da_ref.T if ta else da_ref, "f32")
+    assert_close(db, db_ref.T if tb else db_ref, "f32")
+    assert len(launch.launched) == 3  # the product, then one kernel per gradient

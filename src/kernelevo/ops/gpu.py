@@ -249,9 +249,10 @@ def _matmul_vjp(a, b, ta, tb, ep, bias, residual, cotangent, stream):
         dy = mx.expand_dims(dy, -2)
     if b.ndim == 1:
         dy = mx.expand_dims(dy, -1)
-    da = ke_matmul(b2, dy, transpose_a=not tb, transpose_b=True, stream=stream) if ta else \
+    # a stored transposed: da = dA'^T = B' dy^T; b stored transposed: db = dB'^T = dy^T A'.
+    da = ke_matmul(b2, dy, transpose_a=tb, transpose_b=True, stream=stream) if ta else \
         ke_matmul(dy, b2, transpose_b=not tb, stream=stream)
-    db = ke_matmul(dy, a2, transpose_a=True, transpose_b=not ta, stream=stream) if tb else \
+    db = ke_matmul(dy, a2, transpose_a=True, transpose_b=ta, stream=stream) if tb else \
         ke_matmul(a2, dy, transpose_a=not ta, stream=stream)
     da = _sum_to(da, a2.shape).reshape(a.shape)
     db = _sum_to(db, b2.shape).reshape(b.shape)
