@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import test_shipped_heuristics as shipped
-from cuda_cases import assert_close, run_attention_case, run_matmul_case
+from cuda_cases import assert_close, attention_reference, run_attention_case, run_matmul_case
 from kernelevo.config import KernelConfig
 from kernelevo.families.metal_attention import flash_tile_bytes
 from kernelevo.families.metal_matmul import gemm_tile_bytes
@@ -28,9 +28,6 @@ from metal_cases import (ATTENTION_CASES, MATMUL_CASES, sampled_attention_cases,
 from metal_emulated import pretend_metal, run_plan, run_plan_schedules
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the MSL emulator needs g++")
-
-ITEM = {"f32": 4, "f16": 2, "bf16": 2}
-MX = {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
 
 
 @pytest.fixture
@@ -162,8 +159,6 @@ def _attention_plan(config, B, Hq, Hkv, Lq, Lk, D, dtype="f16", mask="none"):
 
 
 def _attention_reference(env, causal=False):
-    from cuda_cases import attention_reference
-
     D = env["q"].shape[-1]
     return attention_reference(env["q"], env["k"], env["v"], D ** -0.5, "causal" if causal else "none",
                                None, 0.0, 0)

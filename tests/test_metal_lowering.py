@@ -5,6 +5,7 @@ limits of Apple GPUs are enforced by the schema before lowering and asserted by 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -13,6 +14,7 @@ from kernelevo.dsl import check, parse
 from kernelevo.families import families_for
 from kernelevo.features import attention_features, matmul_features
 from kernelevo.lowering import metal as lowering
+from kernelevo.lowering import template_dir
 from kernelevo.lowering.cuda import Epilogue
 from metal_emulated import CHIPS
 
@@ -116,8 +118,6 @@ def test_limits_are_the_schemas_and_lowering_asserts_them():
 
 def _code(text: str) -> str:
     """Metal source without its comments."""
-    import re
-
     return re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.DOTALL)
 
 
@@ -128,9 +128,6 @@ def test_templates_keep_the_rules_only_apples_compiler_would_enforce():
     `constant` and larger ones as `device`, so the templates take them as template pointer
     types; threadgroup storage is declared only in kernel bodies; no erf, no nullptr, no
     double."""
-    import re
-
-    from kernelevo.lowering import template_dir
 
     for path in sorted(template_dir("metal").glob("*.h")):
         code = _code(path.read_text())
