@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .cuda_attention import is_causal  # the same masking semantics on every GPU backend
 from .gpu_common import SCALE_AT, builtin, itemsize, memory_fit, threads_fit
 from .schema import Constraint, Family, Param
 
@@ -15,11 +16,6 @@ def flash_tile_bytes(p, call) -> int:
     size = itemsize(call)
     d = call.get("head_dim", 128)
     return (p["bq"] + p["bk"]) * (d + 16 // size) * size
-
-
-def is_causal(call) -> bool:
-    """Keys after a query's aligned position are hidden: a causal mask, or a window."""
-    return call["mask"] == "causal" or call["window"] > 0
 
 
 _pack_gqa = Param("pack_gqa", "bool", "one threadgroup serves every query row of a KV head (its "
