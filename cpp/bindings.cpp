@@ -7,11 +7,13 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include "attention/attention.h"
 #include "attention/cpu_attention.h"
 #include "common/errors.h"
 #include "common/threadpool.h"
+#include "gpu/launch.h"
 #include "matmul/cpu_gemm.h"
 #include "matmul/matmul.h"
 #include "mlx/version.h"
@@ -192,6 +194,36 @@ NB_MODULE(_ext, m) {
       "Raises ValueError unless the CPU attention kernels take exactly this configuration.");
 
   m.attr("decode_max_queries") = ke::cpu::kDecodeMaxQueries;
+
+  nb::class_<ke::gpu::Kernel>(m, "GpuKernel",
+                              "A lowered GPU kernel as the launcher takes it (see "
+                              "kernelevo.lowering.LoweredKernel, which fills it).")
+      .def(nb::init<>())
+      .def_rw("backend", &ke::gpu::Kernel::backend)
+      .def_rw("name", &ke::gpu::Kernel::name)
+      .def_rw("input_names", &ke::gpu::Kernel::input_names)
+      .def_rw("output_names", &ke::gpu::Kernel::output_names)
+      .def_rw("source", &ke::gpu::Kernel::source)
+      .def_rw("header", &ke::gpu::Kernel::header)
+      .def_rw("output_shapes", &ke::gpu::Kernel::output_shapes)
+      .def_rw("output_dtypes", &ke::gpu::Kernel::output_dtypes)
+      .def_rw("grid", &ke::gpu::Kernel::grid)
+      .def_rw("threadgroup", &ke::gpu::Kernel::threadgroup)
+      .def_rw("template_args", &ke::gpu::Kernel::template_args)
+      .def_rw("shared_memory", &ke::gpu::Kernel::shared_memory)
+      .def_rw("init_value", &ke::gpu::Kernel::init_value)
+      .def_rw("ensure_row_contiguous", &ke::gpu::Kernel::ensure_row_contiguous);
+
+  m.def(
+      "launch",
+      [](const ke::gpu::Kernel& kernel, const std::vector<mx::array>& inputs,
+         const nb::object& stream) { return ke::gpu::launch(kernel, inputs, stream_or_device(stream)); },
+      "kernel"_a, "inputs"_a, nb::kw_only(), "stream"_a = nb::none(),
+      "Runs a lowered GPU kernel through MLX's fast::cuda_kernel; its kernel function is "
+      "created once per name.");
+
+  m.def("gpu_kernels_cached", &ke::gpu::cached_kernels,
+        "How many GPU kernel functions the launcher has created (one per kernel name).");
 
   m.def("available_cores", &ke::available_cores,
         "Logical cores this process may run on (what the CPU kernels can use).");

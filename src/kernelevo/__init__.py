@@ -8,13 +8,13 @@
 
 from .config import ConfigError, KernelConfig
 from .dsl import DSLError
-from .ops import BackendNotSupportedError, explain_matmul, forget_selections, matmul, select_matmul
+from .ops import BackendNotSupportedError, explain_matmul, forget_selections, linear, matmul, select_matmul
 from .ops import attention, explain_attention, select_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendNotSupportedError", "ConfigError", "DSLError", "KernelConfig", "explain_matmul",
-    "forget_selections", "matmul", "select_matmul", "__version__",
+    "forget_selections", "linear", "matmul", "select_matmul", "__version__",
     "attention", "explain_attention", "select_attention",
 ]

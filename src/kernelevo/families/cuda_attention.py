@@ -1,66 +1,120 @@
-"""CUDA attention families (templates in cuda/)."""
+"""CUDA attention families (templates in cuda/): `flash` on tensor cores for prefill,
+`decode` and `decode_split` on CUDA cores for few queries against many keys."""
 
 from __future__ import annotations
 
-from .gpu_common import SCALE_AT, builtin, itemsize, memory_fit, threads_fit
+from .cuda_matmul import SMEM_PAD
+from .gpu_common import SCALE_AT, builtin, itemsize, threads_fit
 from .schema import Constraint, Family, Param
 
+MAX_SLICES = 1024  # split-KV slices the merge kernel holds (cuda/attention_decode.cuh)
 
-def _flash_bytes(p, call) -> int:
-    d = call.get("head_dim", 128)
-    return (p["bq"] + 2 * p["bk"] * p["stages"]) * d * itemsize(call)
 
+def flash_smem(p, call) -> int:
+    """A Q tile and `stages` K and V tiles, rows padded by 16 bytes (cuda/attention_flash.cuh)."""
+    return (p["bq"] + 2 * p["stages"] * p["bk"]) * (call["head_dim"] + SMEM_PAD) * itemsize(call)
+
+
+def decode_rows(p, call) -> int:
+    """Query rows one block serves: all heads of a KV head when packed."""
+    return call["q_len"] * (call["gqa"] if p["pack_gqa"] else 1)
+
+
+def decode_registers(p, call) -> int:
+    """An upper estimate of a thread's registers in cuda/attention_decode.cuh (checked against
+    ptxas's report by tests/test_cuda_nvrtc.py)."""
+    rows = decode_rows(p, call)
+    return (2 * rows + 6) * call["head_dim"] // p["key_lanes"] + 4 * rows + 48
+
+
+def decode_smem(p, call) -> int:
+    """Each warp's partial output and softmax state for every row (f32)."""
+    return p["warps"] * decode_rows(p, call) * (call["head_dim"] + 2) * 4
+
+
+def is_causal(call) -> bool:
+    """Keys after a query's aligned position are hidden: a causal mask, or a window."""
+    return call["mask"] == "causal" or call["window"] > 0
+
+
+_causal_alignment = Constraint(
+    "q_len <= kv_len when causal or windowed (every query sees a key)",
+    lambda p, chip, call: not is_causal(call) or call["q_len"] <= call["kv_len"], on_call=True)
 
 _pack_gqa = Param("pack_gqa", "bool", "one block serves all query heads of a KV head, so K and "
                   "V are read once per KV head")
-_decode_calls = (
+_key_lanes = Param("key_lanes", "int", "lanes sharing one key (each holds head_dim / key_lanes "
+                   "elements of it; fewer lanes: fewer shuffles, more registers)",
+                   allowed=(4, 8, 16, 32))
+_decode_constraints = (
+    threads_fit(lambda p: 32 * p["warps"], "32 * warps threads"),
     Constraint("q_len <= 16", lambda p, chip, call: call["q_len"] <= 16, on_call=True),
-    Constraint("head_dim % 8 == 0", lambda p, chip, call: call["head_dim"] % 8 == 0, on_call=True),
+    Constraint("head_dim * itemsize % (16 * key_lanes) == 0 (whole 16-byte loads per lane)",
+               lambda p, chip, call: call["head_dim"] * itemsize(call) % (16 * p["key_lanes"]) == 0,
+               on_call=True),
+    Constraint("(2 * rows + 6) * head_dim / key_lanes + 4 * rows + 48 <= min(255, 65536 / "
+               "threads), rows = q_len * (gqa if pack_gqa else 1), threads = 32 * warps "
+               "(queries, outputs and loads in flight in registers)",
+               lambda p, chip, call: decode_registers(p, call) <= min(255, 65536 // (32 * p["warps"])),
+               on_call=True),
+    Constraint("warps * rows * (head_dim + 2) * 4 <= chip.threadgroup_memory",
+               lambda p, chip, call: decode_smem(p, call) <= chip.threadgroup_memory, on_call=True),
+    _causal_alignment,
 )
 
 CUDA_FLASH = Family(
     op="attention", backend="cuda", name="flash",
-    doc="Prefill flash attention with tensor-core MMA: a bq-row query tile per block, "
-        "keys bk at a time through a `stages`-deep pipeline, online softmax in f32.",
+    doc="Prefill flash attention on tensor cores: a bq-row query tile per block (16 rows per "
+        "MMA tile, split across the warps), keys bk at a time through a `stages`-deep cp.async "
+        "pipeline, online softmax in f32 on the score fragments.",
     params=(
         Param("bq", "int", "query rows per block", allowed=(16, 32, 64, 128)),
         Param("bk", "int", "keys per step", allowed=(16, 32, 64, 128)),
         Param("warps", "int", "warps per block (each owns bq / warps query rows)", allowed=(1, 2, 4, 8)),
-        Param("stages", "int", "K/V tiles in flight", allowed=(1, 2)),
-        Param("skip_masked_blocks", "bool", "skip key blocks the causal or window mask removes "
-              "entirely (no: compute and mask them)"),
+        Param("stages", "int", "K/V tiles in flight (1: load, then compute)", allowed=(1, 2, 3)),
+        Param("skip_masked_blocks", "bool", "skip key blocks the causal or window mask hides "
+              "from the whole query tile (no: visit and mask them)"),
         SCALE_AT,
     ),
     constraints=(
         Constraint("bq % (16 * warps) == 0", lambda p, chip, call: p["bq"] % (16 * p["warps"]) == 0),
         threads_fit(lambda p: 32 * p["warps"], "32 * warps threads"),
-        memory_fit(_flash_bytes, "(bq + 2 * bk * stages) * head_dim * itemsize"),
+        Constraint("(bq + 2 * stages * bk) * (head_dim + 8) * itemsize <= chip.threadgroup_memory",
+                   lambda p, chip, call: flash_smem(p, call) <= chip.threadgroup_memory,
+                   on_call=True),
         Constraint("head_dim % 16 == 0", lambda p, chip, call: call["head_dim"] % 16 == 0,
                    on_call=True),
+        Constraint("bq / (16 * warps) * (3 * head_dim / 4 + bk / 2) <= 160 (query fragments, "
+                   "scores and outputs in registers)",
+                   lambda p, chip, call: p["bq"] // (16 * p["warps"]) * (3 * call["head_dim"] // 4 + p["bk"] // 2) <= 160,
+                   on_call=True),
+        Constraint("dtype in {f16, bf16} (tensor-core MMA)",
+                   lambda p, chip, call: call["dtype"] in ("f16", "bf16"), on_call=True),
+        _causal_alignment,
     ),
 )
 
 CUDA_DECODE = Family(
     op="attention", backend="cuda", name="decode",
-    doc="Single-pass decode attention: the warps of one block split the keys and merge their "
-        "partial softmaxes in shared memory.",
+    doc="Single-pass decode attention on CUDA cores: one block per (KV head or query head, "
+        "batch) covers every key; groups of `key_lanes` lanes take keys in turn, warps merge "
+        "their partial softmaxes in shared memory.",
     params=(Param("warps", "int", "warps splitting the keys", allowed=(1, 2, 4, 8, 16, 32)),
-            _pack_gqa, SCALE_AT),
-    constraints=(threads_fit(lambda p: 32 * p["warps"], "32 * warps threads"), *_decode_calls),
+            _key_lanes, _pack_gqa, SCALE_AT),
+    constraints=_decode_constraints,
 )
 
 CUDA_DECODE_SPLIT = Family(
     op="attention", backend="cuda", name="decode_split",
-    doc="Split-KV decode attention: `blocks` blocks per head each reduce a slice of the keys "
-        "to a partial softmax; a second kernel merges them.",
+    doc="Split-KV decode attention: up to `blocks` blocks per head each reduce a slice of the "
+        "keys to a partial softmax, so long caches fill the GPU; a second kernel merges them.",
     params=(
-        Param("blocks", "int", "slices of the key sequence", lo=2, hi=1024,
-              search=(8, 16, 32, 64, 128, 256)),
+        Param("blocks", "int", "slices of the key sequence (at most; each slice a multiple of "
+              "the block's key groups)", lo=2, hi=MAX_SLICES, search=(8, 16, 32, 64, 128, 256)),
         Param("warps", "int", "warps per block", allowed=(1, 2, 4, 8)),
-        _pack_gqa,
-        SCALE_AT,
+        _key_lanes, _pack_gqa, SCALE_AT,
     ),
-    constraints=(threads_fit(lambda p: 32 * p["warps"], "32 * warps threads"), *_decode_calls),
+    constraints=_decode_constraints,
 )
 
 CUDA_ATTENTION_FAMILIES: tuple[Family, ...] = (CUDA_FLASH, CUDA_DECODE, CUDA_DECODE_SPLIT,

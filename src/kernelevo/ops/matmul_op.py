@@ -13,6 +13,7 @@ from .. import chips
 from ..config import KernelConfig
 from ..dsl.select import Selection
 from ..features import matmul_features
+from . import gpu
 from ._runtime import as_config, backend_of_device, explain, ext, select, selection_cache, stream_backend
 
 _cache = selection_cache()
@@ -51,6 +52,9 @@ def matmul(a: mx.array, b: mx.array, *, transpose_a: bool = False, transpose_b: 
     DSL form, e.g. "gemm mc=96 nc=1024 kc=256 mr=6 nr=64 threads=2 split=m"); by default
     the heuristics in force for this chip choose.
     """
+    if stream_backend(stream) in gpu.GPU_BACKENDS:
+        return gpu.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b, config=config,
+                          stream=stream)
     if config is None:
         return ext.matmul(a, b, None, {}, transpose_a, transpose_b, stream=stream)
     return matmul_launcher(a, b, config, transpose_a=transpose_a, transpose_b=transpose_b,
@@ -62,6 +66,11 @@ def matmul_launcher(a: mx.array, b: mx.array, config: KernelConfig | str, *,
     """A function that builds `matmul(a, b, config=config)` with the checks done once up
     front, so that timing loops measure the kernel rather than Python."""
     backend = stream_backend(stream)
+    if backend in gpu.GPU_BACKENDS:
+        cfg = as_config(config, "matmul", gpu.require_gpu("matmul"))
+        gpu.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b, config=cfg, stream=stream)
+        return lambda: gpu.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b,
+                                  config=cfg, stream=stream)
     cfg = as_config(config, "matmul", backend)
     cfg.check(chips.detect(backend), call_features(a, b, transpose_a, transpose_b))
     family, params = cfg.family, cfg.ext_params()
