@@ -308,6 +308,7 @@ def markdown(meta, pre, dec, mem) -> str:
            "GFLOP/s count visible (query, key) pairs; `% peak` is of the f32 FMA peak for f32 "
            "and of the AMX bf16 peak for bf16. `mx` is MLX's CPU SDPA (unfused, reference "
            "BLAS), run only where it finishes in seconds.", "",
+           *summary(pre, dec, mem),
            "### Prefill (target: >= 1.5x PyTorch)", "",
            "| dtype | heads | D | L | mask | kernelevo ms | PyTorch ms | mx ms | vs torch | "
            "GFLOP/s | % peak | configuration |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -341,6 +342,34 @@ def markdown(meta, pre, dec, mem) -> str:
                        f"{r['extra'] / 2**20:.0f} | {r['peak_over_inputs']:.2f} |")
     out.append(END)
     return "\n".join(out) + "\n"
+
+
+def summary(pre, dec, mem) -> list[str]:
+    """The targets, met or missed, counted from the rows."""
+    import statistics
+
+    out = ["Against the issue's targets (counted from the tables below):", ""]
+    for dtype in ("f32", "bf16"):
+        rows = [r for r in pre if r["dtype"] == dtype]
+        if rows:
+            hits = [r for r in rows if r["speedup_vs_torch"] >= 1.5]
+            out.append(f"- prefill {dtype}: >= 1.5x PyTorch in {len(hits)} of {len(rows)} cases; "
+                       f"median {statistics.median(r['speedup_vs_torch'] for r in rows):.2f}x, "
+                       f"range {min(r['speedup_vs_torch'] for r in rows):.2f}-"
+                       f"{max(r['speedup_vs_torch'] for r in rows):.2f}x")
+    for dtype in ("f32", "bf16"):
+        rows = [r for r in dec if r["dtype"] == dtype]
+        if rows:
+            hits = [r for r in rows if r["ke_gbs"] >= 0.6 * r["read_gbs"]]
+            out.append(f"- decode {dtype}: >= 60% of the read bandwidth in {len(hits)} of {len(rows)} "
+                       f"cases; best {max(100 * r['ke_gbs'] / r['read_gbs'] for r in rows):.0f}%; "
+                       f"{min(r['speedup_vs_torch'] for r in rows):.2f}-"
+                       f"{max(r['speedup_vs_torch'] for r in rows):.2f}x PyTorch")
+    for r in mem:
+        if r["who"] == "ke":
+            out.append(f"- peak memory {r['dtype']}: {r['peak_over_inputs']:.2f}x the inputs "
+                       f"(the output alone is {r['output'] / r['inputs']:.2f}x)")
+    return out + [""]
 
 
 def record(section: str) -> None:
