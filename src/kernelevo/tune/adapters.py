@@ -74,7 +74,10 @@ class AttentionAdapter:
             keep &= cols <= rows
         if shape.window:
             keep &= cols > rows - shape.window
+        # A row that sees no key gets the mean of v over all keys, as MLX and ke.attention give.
         scores = np.where(keep, scores, -np.inf)
+        hidden = ~keep.any(axis=-1)
+        scores = np.where(hidden[:, None], 0.0, scores)
         scores -= scores.max(axis=-1, keepdims=True)
         weights = np.exp(scores)
         weights /= weights.sum(axis=-1, keepdims=True)
@@ -98,8 +101,10 @@ class AttentionAdapter:
         return lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=self._scale(shape), mask=mask)
 
     def variants(self, shape: AttentionShape) -> list[AttentionShape]:
-        odd = replace(shape, q_len=shape.q_len - 1 if shape.q_len > 2 else shape.q_len,
-                      kv_len=shape.kv_len - 3 if shape.kv_len > 8 else shape.kv_len)
+        shorter = 3 if shape.kv_len > 8 else 0
+        odd = replace(shape, kv_len=shape.kv_len - shorter,
+                      q_len=max(1, min(shape.q_len - 1, shape.kv_len - shorter)) if shape.q_len > 2
+                      else shape.q_len)
         return [shape, odd]
 
 

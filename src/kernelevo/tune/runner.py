@@ -67,6 +67,7 @@ class ShapeResult:
     measured: int = 0
     reused: int = 0
     failed: int = 0
+    failure: str | None = None  # why the shipped choice itself failed
 
     @property
     def best_speedup(self) -> float:
@@ -196,7 +197,12 @@ class Tuner:
         try:
             with WorkerPool(self.worker_command, self.settings.job_timeout_s) as pool:
                 for shape in shapes:
-                    result.shapes.append(self._tune_shape(pool, run_id, shape))
+                    tuned = self._tune_shape(pool, run_id, shape)
+                    if tuned.shipped_s is None:  # no baseline to compare with: left as shipped
+                        result.skipped.append(f"{shape}: the shipped choice {tuned.shipped.to_dsl()} "
+                                              f"failed ({tuned.failure})")
+                    else:
+                        result.shapes.append(tuned)
                 self._cross_time(pool, run_id, result)
                 result.restarts = pool.restarts
             result.distilled = distill(result.shapes, self.settings.min_speedup)
@@ -220,7 +226,8 @@ class Tuner:
         base = shipped.to_dsl()
         own = self._measure(pool, run_id, shape, base, result, baseline=base)
         if not own.ok:
-            raise RuntimeError(f"the shipped configuration {base} failed for {shape}: {own.reason}")
+            result.failure = own.reason
+            return result
         result.shipped_s = own.median_s
         builtin = self._measure(pool, run_id, shape, MLX_BUILTIN, result, baseline=base, verify=False)
         result.mlx_s = builtin.median_s if builtin.ok else None
