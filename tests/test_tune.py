@@ -72,7 +72,7 @@ def test_wrong_results_are_recorded_and_never_chosen(monkeypatch):
 
     def broken(a, b, *, config=None, **kw):  # one configuration computes garbage
         out = original(a, b, config=config, **kw)
-        return out * 1.5 if config is not None and config.get("kc") == 64 else out
+        return out * 1.5 if config is not None and config.as_dict().get("kc") == 64 else out
 
     monkeypatch.setattr(runner.ops, "matmul", broken)
     workload = Workload("t", "test", (MatmulShape(32, 96, 80, "f32"),))
@@ -82,7 +82,7 @@ def test_wrong_results_are_recorded_and_never_chosen(monkeypatch):
         wrong = [m for m in db.measurements() if m.status == "wrong"]
     assert wrong and all("kc=64" in m.config and "relative error" in m.reason for m in wrong)
     best = result.shapes[0].best
-    assert best is None or best.get("kc") != 64
+    assert best is None or best.as_dict().get("kc") != 64
 
 
 def test_other_chips_are_refused():

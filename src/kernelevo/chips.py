@@ -43,6 +43,16 @@ class Chip:
     def matches(self, pattern: str) -> bool:
         return fnmatchcase(self.id, pattern)
 
+    @property
+    def has_amx(self) -> int:
+        """1 when the CPU has AMX-BF16 tiles (what the gemm family's `amx` engine needs)."""
+        return int("amx_bf16" in self.isa and "amx_tile" in self.isa)
+
+    @property
+    def has_bf16dot(self) -> int:
+        """1 when the CPU has AVX512-BF16 (what the gemm family's `bf16dot` engine needs)."""
+        return int("avx512_bf16" in self.isa)
+
 
 @dataclass(frozen=True)
 class Fact:
@@ -61,6 +71,8 @@ FACTS: tuple[Fact, ...] = (
     Fact("threadgroup_memory", "threadgroup_memory", "GPU: bytes of threadgroup/shared memory per group"),
     Fact("max_threads", "max_threads", "GPU: threads per threadgroup/block"),
     Fact("peak_gflops", "peak_f32_gflops", "nominal f32 throughput in GFLOP/s"),
+    Fact("amx", "has_amx", "CPU: 1 with AMX-BF16 tiles, else 0"),
+    Fact("bf16dot", "has_bf16dot", "CPU: 1 with AVX512-BF16 dot products, else 0"),
 )
 FACT_NAMES: tuple[str, ...] = tuple(f.name for f in FACTS)
 

@@ -8,7 +8,8 @@ selection code, the tuner's search, docs/dsl.md and the extension's tests read.
 
 from __future__ import annotations
 
-from .cpu_matmul import CPU_MATMUL_FAMILIES, CPU_GEMM, CPU_GEMV, CPU_TILE_COLS, CPU_TILE_ROWS
+from .cpu_matmul import (AMX_TILES, CPU_ENGINES, CPU_GEMM, CPU_GEMV, CPU_MATMUL_FAMILIES, CPU_TILE_COLS,
+                         CPU_TILE_ROWS, register_tiles)
 from .schema import Call, Constraint, Family, Param, Params, ParamValue
 
 ALL_FAMILIES: tuple[Family, ...] = CPU_MATMUL_FAMILIES
@@ -25,6 +26,7 @@ def families_for(op: str, backend: str) -> tuple[Family, ...]:
 
 
 __all__ = [
-    "ALL_FAMILIES", "CPU_GEMM", "CPU_GEMV", "CPU_TILE_COLS", "CPU_TILE_ROWS", "Call",
+    "ALL_FAMILIES", "AMX_TILES", "CPU_ENGINES", "CPU_GEMM", "CPU_GEMV", "CPU_TILE_COLS",
+    "CPU_TILE_ROWS", "Call", "register_tiles",
     "Constraint", "Family", "Param", "ParamValue", "Params", "families_for", "family",
 ]
