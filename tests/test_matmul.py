@@ -281,3 +281,18 @@ def test_gpu_stream_is_refused_clearly(rng):
     a, b = operand(rng, (2, 2), "f32"), operand(rng, (2, 2), "f32")
     with pytest.raises(ke.BackendNotSupportedError, match="not yet supported on this backend"):
         ke.matmul(a, b, stream=mx.gpu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_gemv_rows_columns_and_depth_chunks(rng, dtype, transpose_b):
+    """Every row-group size, columns and depth that are not multiples of the vectors, depth
+    chunks shorter than the depth, and batches."""
+    for M, N, K, kb in [(1, 37, 70, 16), (2, 64, 33, 32), (3, 20, 129, 64), (5, 99, 48, 4096),
+                        (16, 133, 301, 96), (64, 17, 19, 16)]:
+        a = operand(rng, (2, M, K), dtype)
+        b = operand(rng, (2, N, K) if transpose_b else (2, K, N), dtype)
+        out = ke.matmul(a, b, transpose_b=transpose_b,
+                        config=f"gemv nb=32 kb={kb} threads={CHIP.cores} epilogue=fused")
+        ref = f64(a) @ (np.swapaxes(f64(b), -1, -2) if transpose_b else f64(b))
+        assert relative_error(out, ref) < TOL[dtype], (M, N, K, kb)

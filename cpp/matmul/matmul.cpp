@@ -185,8 +185,12 @@ mx::array matmul(const mx::array& a_in, const mx::array& b_in,
   // Epilogue operands: broadcast to the result, then viewed with the product's axes.
   std::vector<mx::array> extra;
   auto epilogue_operand = [&](const mx::array& x, const char* what) {
-    if (x.ndim() > result_shape.size() ||
-        mx::broadcast_shapes(x.shape(), result_shape) != result_shape) {
+    bool fits = x.ndim() <= result_shape.size();
+    for (size_t i = 1; fits && i <= x.ndim(); ++i) {
+      const int d = x.shape()[x.ndim() - i];
+      fits = d == 1 || d == result_shape[result_shape.size() - i];
+    }
+    if (!fits) {
       throw std::invalid_argument(std::string("[kernelevo.matmul] ") + what + " of shape " +
                                   shape_str(x.shape()) + " does not broadcast to the result " +
                                   shape_str(result_shape));
