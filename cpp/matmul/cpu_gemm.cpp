@@ -327,8 +327,8 @@ const T* typed(const Operand& op, int64_t batch) {
 
 // Loop order: for each panel of nc columns, B is packed for the whole depth (shared by
 // the team); then for each block of mc rows, the depth is walked in blocks of kc: A's block
-// is packed (mc x kc, L2-sized) and every kc x nr sliver of B (L1-sized) meets every mr-row
-// sliver of A in the micro-kernel. The block's accumulators (mc x nc f32) stay in L2 over
+// is packed (mc x kc, L2-sized) and every mr-row sliver of A (L1-sized) meets every kc x nr
+// sliver of B in the micro-kernel. The block's accumulators (mc x nc f32) stay in L2 over
 // the depth, and each tile is finished (epilogue, rounding) as soon as its depth is done.
 template <typename E, Engine ENG>
 void gemm_run(const GemmProblem& p, const GemmTiling& t) {
@@ -468,28 +468,28 @@ void gemm_run(const GemmProblem& p, const GemmTiling& t) {
               return edge;
             };
 
-            const int s0 = t.split_n ? rank : 0, ds = t.split_n ? size : 1;
-            for (int s = s0; s < n_slivers; s += ds) {
+            auto tile = [&](int s, int ir) {
               const int n_valid = std::min(nr, nb - s * nr);
               const P* bs = bp + s * kbp * nr;
-              for (int ir = 0; ir < mb; ir += mr) {
-                const int m_valid = std::min(mr, mb - ir);
-                PackedA at;
-                const P* as = a_sliver(ir, m_valid, at);
-                const int64_t i0 = ic + ir, j0 = jc + s * nr;
-                if constexpr (direct) {
-                  float* c = static_cast<float*>(p.c) + batch * M * N + i0 * N + j0;
-                  t.kernel(kbp, as, at.lda, at.a_step, bs, c, N, !first, m_valid, n_valid);
-                  if (last && apply_fused) {
-                    finalize_tile(p, batch, i0, j0, m_valid, n_valid, c, N, true);
-                  }
-                } else {
-                  float* c = one_depth_block ? cbuf : cbuf + ir * ldcb + s * nr;
-                  t.kernel(kbp, as, at.lda, at.a_step, bs, c, ldcb, !first, mr, nr);
-                  if (last) finalize_tile(p, batch, i0, j0, m_valid, n_valid, c, ldcb, t.fused);
-                }
+              const int m_valid = std::min(mr, mb - ir);
+              PackedA at;
+              const P* as = a_sliver(ir, m_valid, at);
+              const int64_t i0 = ic + ir, j0 = jc + s * nr;
+              if constexpr (direct) {
+                float* c = static_cast<float*>(p.c) + batch * M * N + i0 * N + j0;
+                t.kernel(kbp, as, at.lda, at.a_step, bs, c, N, !first, m_valid, n_valid);
+                if (last && apply_fused) finalize_tile(p, batch, i0, j0, m_valid, n_valid, c, N, true);
+              } else {
+                float* c = one_depth_block ? cbuf : cbuf + ir * ldcb + s * nr;
+                t.kernel(kbp, as, at.lda, at.a_step, bs, c, ldcb, !first, mr, nr);
+                if (last) finalize_tile(p, batch, i0, j0, m_valid, n_valid, c, ldcb, t.fused);
               }
-            }
+            };
+            // Each sliver of A stays in L1 while the slivers of B stream past it from L2
+            // (split=n: this member's slivers of B are s0, s0 + ds, ...).
+            const int s0 = t.split_n ? rank : 0, ds = t.split_n ? size : 1;
+            for (int ir = 0; ir < mb; ir += mr)
+              for (int s = s0; s < n_slivers; s += ds) tile(s, ir);
           }
         }
       }

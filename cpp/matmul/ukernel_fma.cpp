@@ -20,7 +20,12 @@ void fma_kernel(int kb, const void* a_in, int64_t lda, int64_t, const void* b_in
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) acc[i][j] = vfloat{};
 
-  for (int k = 0; k < kb; ++k) {
+  // C is read and written after the whole depth: ask for it now, so it is in L1 by then.
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) __builtin_prefetch(c + i * ldc + j * kLanes, 1, 3);
+  auto step = [&](int k) __attribute__((always_inline)) {
     vfloat bv[NV];
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) bv[j] = vload(b + k * NR + j * kLanes);
@@ -30,7 +35,15 @@ void fma_kernel(int kb, const void* a_in, int64_t lda, int64_t, const void* b_in
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) acc[i][j] += av * bv[j];
     }
+  };
+  // Two steps per iteration: the loop's own instructions would otherwise take issue slots
+  // from the multiplies.
+  int k = 0;
+  for (; k + 2 <= kb; k += 2) {
+    step(k);
+    step(k + 1);
   }
+  if (k < kb) step(k);
 
   if (m_valid == MR && n_valid == NR) {
 #pragma GCC unroll 16
