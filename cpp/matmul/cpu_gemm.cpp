@@ -393,17 +393,29 @@ void gemm_run(const GemmProblem& p, const GemmTiling& t) {
       for (int64_t jc = 0; jc < N; jc += t.nc) {
         const int nb = static_cast<int>(std::min<int64_t>(t.nc, N - jc));
         const int n_slivers = (nb + nr - 1) / nr;
-        // The panel's B for the whole depth, once the previous panel is done with.
+        // The panel's B for the whole depth, once the previous panel is done with. A task
+        // packs 32 rows of depth into every sliver when B's rows are contiguous (so the rows
+        // are read from memory front to back), else one sliver's whole depth block.
         if (jc > 0 || batch > 0) barrier.wait();
-        for (int64_t task = rank; task < depth_blocks * n_slivers; task += size) {
-          const int64_t pb = task / n_slivers, s = task % n_slivers;
+        const bool by_rows = p.b.col_stride == 1;
+        const int64_t chunks = by_rows ? (std::min<int64_t>(t.kc, K) + 31) / 32 : n_slivers;
+        for (int64_t task = rank; task < depth_blocks * chunks; task += size) {
+          const int64_t pb = task / chunks, part = task % chunks;
           const int64_t pc = pb * t.kc;
           const int kb = static_cast<int>(std::min<int64_t>(t.kc, K - pc));
-          pack_b_sliver<E, ENG>(b + pc * p.b.row_stride + (jc + s * nr) * p.b.col_stride,
-                                p.b.row_stride, p.b.col_stride, kb,
-                                static_cast<int>(round_up(kb, kal)),
-                                std::min<int>(nr, nb - static_cast<int>(s) * nr), nr,
-                                bpanel + pb * b_block + s * round_up(kb, kal) * nr);
+          const int kbp = static_cast<int>(round_up(kb, kal));
+          const int r0 = by_rows ? static_cast<int>(part) * 32 : 0;
+          if (r0 >= kb) continue;
+          const int r1 = by_rows ? std::min(kb, r0 + 32) : kb;
+          const int s_begin = by_rows ? 0 : static_cast<int>(part);
+          const int s_end = by_rows ? n_slivers : s_begin + 1;
+          for (int s = s_begin; s < s_end; ++s) {
+            // rows [r0, r1) of the sliver; the last piece pads the depth to kbp
+            pack_b_sliver<E, ENG>(b + (pc + r0) * p.b.row_stride + (jc + s * nr) * p.b.col_stride,
+                                  p.b.row_stride, p.b.col_stride, r1 - r0,
+                                  (r1 == kb ? kbp : r1) - r0, std::min(nr, nb - s * nr), nr,
+                                  bpanel + pb * b_block + int64_t(s) * kbp * nr + int64_t(r0) * nr);
+          }
         }
         barrier.wait();
 
