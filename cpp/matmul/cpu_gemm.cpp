@@ -358,7 +358,8 @@ void gemm_run(const GemmProblem& p, const GemmTiling& t) {
 
   thread_local Scratch b_scratch, a_scratch, copy_scratch;
   P* bpanel = b_scratch.get_as<P>(depth_blocks * b_block);
-  P* ashared = t.split_n && t.pack_a ? a_scratch.get_as<P>(2 * a_block) : nullptr;
+  // pack_a=yes: all of A, packed once per batch entry (every row block, every depth block)
+  P* apacked = t.pack_a ? a_scratch.get_as<P>(m_blocks * depth_blocks * a_block) : nullptr;
   P* acopy = a_copied ? copy_scratch.get_as<P>(M * lda_copy) : nullptr;
 
   const int threads = std::max(1, std::min(t.threads, available_cores()));
@@ -367,23 +368,36 @@ void gemm_run(const GemmProblem& p, const GemmTiling& t) {
       AmxScope() { if (ENG == Engine::amx) amx_begin_thread(); }
       ~AmxScope() { if (ENG == Engine::amx) amx_end_thread(); }
     } amx_scope;
-    thread_local Scratch own_a, own_c, own_edge;
-    P* apriv = !t.split_n && t.pack_a ? own_a.get_as<P>(a_block) : nullptr;
+    thread_local Scratch own_c, own_edge;
     // f32 accumulators of the current block (or of one tile, when the depth is one block)
     float* cbuf = direct ? nullptr
                          : own_c.get_as<float>(one_depth_block ? mr * nr : mcp * int64_t(ncp));
     const int64_t ldcb = one_depth_block ? nr : ncp;
     P* edge = !t.pack_a ? own_edge.get_as<P>(packed_a_layout<ENG>(mr, kcp, lda_pack).sliver) : nullptr;
-    int64_t astep = 0;
 
     for (int64_t batch = 0; batch < p.batch; ++batch) {
       const T* a = typed<T>(p.a, batch);
       const T* b = typed<T>(p.b, batch);
       const int64_t ars = p.a.row_stride, acs = p.a.col_stride;
+      // A once for every panel of B (after the previous batch entry is done with it):
+      // packed into slivers, or copied to plain rows for the kernel to read in place.
+      if (batch > 0 && (apacked || a_copied)) barrier.wait();
+      if (apacked) {
+        const int64_t slivers = mcp / mr;
+        for (int64_t task = rank; task < m_blocks * depth_blocks * slivers; task += size) {
+          const int64_t blk = task / (depth_blocks * slivers);
+          const int64_t pb = task / slivers % depth_blocks, sl = task % slivers;
+          const int64_t i0 = blk * t.mc + sl * mr, pc = pb * t.kc;
+          const int rows = static_cast<int>(std::min<int64_t>(mr, std::min<int64_t>(M, (blk + 1) * t.mc) - i0));
+          if (rows <= 0) continue;
+          const int kb = static_cast<int>(std::min<int64_t>(t.kc, K - pc));
+          const int kbp = static_cast<int>(round_up(kb, kal));
+          const PackedA packed = packed_a_layout<ENG>(mr, kbp, lda_pack);
+          pack_a_block<E, ENG>(a + i0 * ars + pc * acs, ars, acs, rows, kb, kbp, mr, packed,
+                               apacked + (blk * depth_blocks + pb) * a_block + sl * packed.sliver);
+        }
+      }
       if (a_copied) {
-        // One row-major copy of A for the kernel to read in place (once the previous
-        // batch entry is done with it).
-        if (batch > 0) barrier.wait();
         for (int64_t r = rank; r < M; r += size) {
           pack_a_rows<E, ENG>(a + r * ars, ars, acs, 1, 1, static_cast<int>(K),
                               static_cast<int>(round_up(K, kal)), lda_copy, acopy + r * lda_copy);
@@ -393,28 +407,34 @@ void gemm_run(const GemmProblem& p, const GemmTiling& t) {
       for (int64_t jc = 0; jc < N; jc += t.nc) {
         const int nb = static_cast<int>(std::min<int64_t>(t.nc, N - jc));
         const int n_slivers = (nb + nr - 1) / nr;
-        // The panel's B for the whole depth, once the previous panel is done with. A task
-        // packs 32 rows of depth into every sliver when B's rows are contiguous (so the rows
-        // are read from memory front to back), else one sliver's whole depth block.
+        // The panel's B for the whole depth, once the previous panel is done with. B is read
+        // from memory front to back along its contiguous direction: when its rows are
+        // contiguous a task packs 32 rows of depth into every sliver; otherwise (B used
+        // transposed, W stored [N, K]) a task packs one sliver for the whole depth.
         if (jc > 0 || batch > 0) barrier.wait();
         const bool by_rows = p.b.col_stride == 1;
-        const int64_t chunks = by_rows ? (std::min<int64_t>(t.kc, K) + 31) / 32 : n_slivers;
-        for (int64_t task = rank; task < depth_blocks * chunks; task += size) {
-          const int64_t pb = task / chunks, part = task % chunks;
-          const int64_t pc = pb * t.kc;
-          const int kb = static_cast<int>(std::min<int64_t>(t.kc, K - pc));
-          const int kbp = static_cast<int>(round_up(kb, kal));
-          const int r0 = by_rows ? static_cast<int>(part) * 32 : 0;
-          if (r0 >= kb) continue;
-          const int r1 = by_rows ? std::min(kb, r0 + 32) : kb;
-          const int s_begin = by_rows ? 0 : static_cast<int>(part);
-          const int s_end = by_rows ? n_slivers : s_begin + 1;
-          for (int s = s_begin; s < s_end; ++s) {
-            // rows [r0, r1) of the sliver; the last piece pads the depth to kbp
-            pack_b_sliver<E, ENG>(b + (pc + r0) * p.b.row_stride + (jc + s * nr) * p.b.col_stride,
-                                  p.b.row_stride, p.b.col_stride, r1 - r0,
-                                  (r1 == kb ? kbp : r1) - r0, std::min(nr, nb - s * nr), nr,
-                                  bpanel + pb * b_block + int64_t(s) * kbp * nr + int64_t(r0) * nr);
+        const int64_t chunks = (std::min<int64_t>(t.kc, K) + 31) / 32;
+        const int64_t tasks = by_rows ? depth_blocks * chunks : n_slivers;
+        for (int64_t task = rank; task < tasks; task += size) {
+          const int64_t pb_begin = by_rows ? task / chunks : 0;
+          const int64_t pb_end = by_rows ? pb_begin + 1 : depth_blocks;
+          for (int64_t pb = pb_begin; pb < pb_end; ++pb) {
+            const int64_t pc = pb * t.kc;
+            const int kb = static_cast<int>(std::min<int64_t>(t.kc, K - pc));
+            const int kbp = static_cast<int>(round_up(kb, kal));
+            const int r0 = by_rows ? static_cast<int>(task % chunks) * 32 : 0;
+            if (r0 >= kb) continue;
+            const int r1 = by_rows ? std::min(kb, r0 + 32) : kb;
+            const int s_begin = by_rows ? 0 : static_cast<int>(task);
+            const int s_end = by_rows ? n_slivers : s_begin + 1;
+            for (int s = s_begin; s < s_end; ++s) {
+              // rows [r0, r1) of the sliver; the last piece pads the depth to kbp
+              pack_b_sliver<E, ENG>(
+                  b + (pc + r0) * p.b.row_stride + (jc + s * nr) * p.b.col_stride,
+                  p.b.row_stride, p.b.col_stride, r1 - r0, (r1 == kb ? kbp : r1) - r0,
+                  std::min(nr, nb - s * nr), nr,
+                  bpanel + pb * b_block + int64_t(s) * kbp * nr + int64_t(r0) * nr);
+            }
           }
         }
         barrier.wait();
@@ -432,26 +452,10 @@ void gemm_run(const GemmProblem& p, const GemmTiling& t) {
             const int kbp = static_cast<int>(round_up(kb, kal));
             const bool first = pb == 0, last = pb + 1 == depth_blocks;
             const P* bp = bpanel + pb * b_block;
-            const T* ak = a + pc * acs;
 
-            // This block's A for depth block pb: packed (privately, or by the team), or
-            // where it lies (block == nullptr).
+            // This block's A for depth block pb: packed, or where it lies (nullptr).
             const PackedA packed = packed_a_layout<ENG>(mr, kbp, lda_pack);
-            const P* block = nullptr;
-            if (!t.split_n && apriv) {
-              if (mine) pack_a_block<E, ENG>(ak + ic * ars, ars, acs, mb, kb, kbp, mr, packed, apriv);
-              block = apriv;
-            } else if (ashared) {
-              P* shared = ashared + (astep & 1) * a_block;
-              ++astep;
-              for (int sl = rank; sl * mr < mb; sl += size) {
-                pack_a_block<E, ENG>(ak + (ic + sl * mr) * ars, ars, acs,
-                                     std::min(mr, mb - sl * mr), kb, kbp, mr, packed,
-                                     shared + sl * packed.sliver);
-              }
-              barrier.wait();
-              block = shared;
-            }
+            const P* block = apacked ? apacked + (blk * depth_blocks + pb) * a_block : nullptr;
             if (!mine) continue;
 
             // The A sliver of rows [ic + ir, + mr): packed, or where it lies (row-major).
