@@ -35,6 +35,7 @@ import datetime
 import platform
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,6 +170,22 @@ def launches(case: Case, torch):
     return ke_launch, config, baselines
 
 
+def wait_until_idle(limit_s: float = 120.0) -> None:
+    """On a shared machine: wait (up to limit_s) until the CPUs were idle for half a second,
+    so that other people's work does not land in the middle of a measurement."""
+    def busy_idle():
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:8]]
+        return sum(fields) - fields[3] - fields[4], fields[3] + fields[4]
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        b0, i0 = busy_idle()
+        time.sleep(0.5)
+        b1, i1 = busy_idle()
+        if (b1 - b0) <= 0.08 * max(1, (b1 - b0) + (i1 - i0)):
+            return
+
+
 def run(case: Case, torch) -> Row:
     ke_launch, config, baselines = launches(case, torch)
     reps = reps_for(case)
@@ -265,6 +282,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few shapes; printed, not recorded")
     parser.add_argument("--record", action="store_true", help="record a --quick run as well")
     parser.add_argument("--only", default="", help="run only these groups (comma-separated)")
+    parser.add_argument("--wait-idle", action="store_true",
+                        help="before each shape, wait until the CPUs are idle (Linux; shared machines)")
     args = parser.parse_args()
     try:
         import torch
@@ -277,6 +296,8 @@ def main() -> None:
     todo = [c for c in cases(args.quick) if groups is None or c.group in groups]
     rows = []
     for case in todo:
+        if args.wait_idle:
+            wait_until_idle()
         row = run(case, torch)
         rows.append(row)
         print(f"{case.group:7s} {case.label:32s} {row.ke_s * 1e3:9.3f} ms  "
@@ -284,7 +305,7 @@ def main() -> None:
               + f"  {limit_text(row, limits)}  {verdict(row, limits)}", flush=True)
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     command = "python3 benchmarks/bench_gemm_cpu.py" + (" --quick" if args.quick else "") + \
-        (f" --only {args.only}" if args.only else "")
+        (f" --only {args.only}" if args.only else "") + (" --wait-idle" if args.wait_idle else "")
     text = (f"Machine: {machine_text(limits, torch)}\n\nDate: {now}. Command: `{command}` "
             f"(under `flock /tmp/kernelevo-heavy.lock`).\n\n"
             "Ratios are baseline time / kernelevo time (> 1: kernelevo faster), medians of "

@@ -296,3 +296,15 @@ def test_gemv_rows_columns_and_depth_chunks(rng, dtype, transpose_b):
                         config=f"gemv nb=32 kb={kb} threads={CHIP.cores} epilogue=fused")
         ref = f64(a) @ (np.swapaxes(f64(b), -1, -2) if transpose_b else f64(b))
         assert relative_error(out, ref) < TOL[dtype], (M, N, K, kb)
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS + BF16_CONFIGS if c.family == "gemm"],
+                         ids=lambda c: c.name)
+def test_batches_reuse_nothing_from_the_previous_entry(rng, config):
+    """A is packed (or copied) once per batch entry and shared by the team: every entry
+    must see its own A and B."""
+    dtype = "f32" if config.get("engine") == "fma" else "bf16"
+    a = operand(rng, (3, 45, 70), dtype)
+    b = operand(rng, (3, 70, 53), dtype)
+    out = ke.matmul(a, b, config=config)
+    assert relative_error(out, f64(a) @ f64(b)) < TOL[dtype]

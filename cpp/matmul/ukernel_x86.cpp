@@ -16,8 +16,6 @@
 #include <unistd.h>
 #endif
 
-#include <mutex>
-
 namespace kernelevo::cpu::detail {
 
 namespace {
