@@ -325,11 +325,12 @@ const T* typed(const Operand& op, int64_t batch) {
   return static_cast<const T*>(op.data) + op.batch_offsets[batch];
 }
 
-// Loop order: for each panel of nc columns, B is packed for the whole depth (shared by
-// the team); then for each block of mc rows, the depth is walked in blocks of kc: A's block
-// is packed (mc x kc, L2-sized) and every mr-row sliver of A (L1-sized) meets every kc x nr
-// sliver of B in the micro-kernel. The block's accumulators (mc x nc f32) stay in L2 over
-// the depth, and each tile is finished (epilogue, rounding) as soon as its depth is done.
+// Loop order: A is packed once per batch entry, in blocks of mc rows x kc deep (L2-sized).
+// For each panel of nc columns, B is packed for the whole depth (shared by the team); then
+// for each block of mc rows the depth is walked in blocks of kc, and every mr-row sliver of
+// A (L1-sized) meets every kc x nr sliver of B in the micro-kernel. The block's
+// accumulators (mc x nc f32) stay in L2 over the depth, and each tile is finished
+// (epilogue, rounding) as soon as its depth is done.
 template <typename E, Engine ENG>
 void gemm_run(const GemmProblem& p, const GemmTiling& t) {
   using T = typename E::raw;
