@@ -69,15 +69,18 @@ NB_MODULE(_ext, m) {
       "matmul",
       [](const mx::array& a, const mx::array& b, const std::optional<std::string>& family,
          const ke::ParamMap& params, bool transpose_a, bool transpose_b,
-         const nb::object& stream) {
+         const std::optional<mx::array>& bias, const std::string& activation,
+         const std::optional<mx::array>& residual, float scale, const nb::object& stream) {
         return ke::matmul(a, b, make_config(family, params), transpose_a, transpose_b,
+                          ke::MatmulEpilogue{scale, bias, activation, residual},
                           stream_or_device(stream));
       },
       "a"_a, "b"_a, "family"_a = nb::none(), "params"_a = ke::ParamMap{},
       "transpose_a"_a = false, "transpose_b"_a = false, nb::kw_only(),
-      "stream"_a = nb::none(),
-      "op(a) @ op(b) with the given kernel configuration, or the registered heuristics' "
-      "choice when family is None.");
+      "bias"_a = nb::none(), "activation"_a = "none", "residual"_a = nb::none(),
+      "scale"_a = 1.0f, "stream"_a = nb::none(),
+      "act(op(a) @ op(b) * scale + bias) + residual with the given kernel configuration, "
+      "or the registered heuristics' choice when family is None.");
 
   m.def(
       "set_matmul_selector",
@@ -88,14 +91,14 @@ NB_MODULE(_ext, m) {
           nb::gil_scoped_acquire gil;
           nb::object result = (*held)(call.M, call.N, call.K, call.batch,
                                       dtype_name(call.dtype), call.transpose_a,
-                                      call.transpose_b,
+                                      call.transpose_b, call.epilogue,
                                       call.device == mx::Device::cpu ? "cpu" : "gpu");
           auto [family, params] = nb::cast<std::pair<std::string, ke::ParamMap>>(result);
           return ke::KernelConfig{family, params};
         });
       },
       "select"_a,
-      "Registers select(M, N, K, batch, dtype, transpose_a, transpose_b, device) -> "
+      "Registers select(M, N, K, batch, dtype, transpose_a, transpose_b, epilogue, device) -> "
       "(family, params), used when matmul gets no configuration.");
 
   m.def(
@@ -117,8 +120,12 @@ NB_MODULE(_ext, m) {
       "family"_a, "params"_a,
       "Raises ValueError unless the CPU matmul kernels take exactly this configuration.");
 
-  m.def("gemm_register_tile_supported", &ke::cpu::gemm_register_tile_supported, "mr"_a,
-        "nr"_a, "Whether the CPU gemm family was compiled with an mr x nr register tile.");
+  m.def("gemm_register_tile_supported", &ke::cpu::gemm_register_tile_supported, "engine"_a,
+        "mr"_a, "nr"_a,
+        "Whether the CPU gemm family's engine was compiled with an mr x nr register tile.");
+
+  m.def("cpu_engines", &ke::cpu::available_engines,
+        "The CPU gemm engines this build can run on this CPU (fma, bf16dot, amx).");
 
   m.def(
       "config_of",

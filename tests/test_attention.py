@@ -43,7 +43,7 @@ AMX_CONFIGS = [
     cfg("flash bq=64 bk=96 threads=1 pack_gqa=no skip_masked_blocks=no scale_at=scores dot=amx"),
     cfg(f"flash bq=128 bk=256 threads={CORES} pack_gqa=yes skip_masked_blocks=yes scale_at=scores "
         "dot=amx"),
-] if CHIP.amx else []
+] if CHIP.has_amx else []
 
 
 def reference(q, k, v, scale, mask=None, softcap=None, window=None):
@@ -347,7 +347,7 @@ def test_bad_input_is_a_value_error(kwargs, message):
 def test_bad_configurations_are_value_errors():
     q, k = mx.zeros((1, 2, 20, 8)), mx.zeros((1, 2, 20, 8))
     amx = "flash bq=32 bk=32 threads=1 pack_gqa=yes skip_masked_blocks=yes scale_at=q dot=amx"
-    with pytest.raises(ValueError, match="bf16 when dot=amx" if CHIP.amx else "chip.amx == 1"):
+    with pytest.raises(ValueError, match="bf16 when dot=amx" if CHIP.has_amx else "chip.amx == 1"):
         ke.attention(q, k, k, scale=1.0, config=amx)  # f32 inputs
     with pytest.raises(ValueError, match="bfloat16"):  # the extension checks too
         ke.ops._ext.attention(q, k, k, scale=1.0, family="flash",

@@ -20,9 +20,9 @@ chips cpu-avx512-*
 matmul {  # opening
   let big = M * N >= 1 << 20
   # decode
-  when M <= 8 and dtype in {f16, bf16} { gemv nb=64 threads=chip.cores }  # trailing
-  when big { gemm mc=96 nc=1024 kc=256 mr=6 nr=64 threads=2 if M > 512 else 1 split=n }
-  else { gemm mc=48 nc=512 kc=2 * 128 mr=6 nr=32 threads=chip.cores split=m }
+  when M <= 8 and dtype in {f16, bf16} { gemv nb=64 kb=256 threads=chip.cores epilogue=fused }  # trailing
+  when big { gemm mc=96 nc=1024 kc=256 mr=6 nr=64 threads=2 if M > 512 else 1 split=n engine=fma pack_a=yes epilogue=fused }
+  else { gemm mc=48 nc=512 kc=2 * 128 mr=6 nr=32 threads=chip.cores split=m engine=fma pack_a=yes epilogue=fused }
   # closing
 }
 """
@@ -46,7 +46,7 @@ def program(body, header="kevo 1\ntarget cpu\n"):
     return header + "matmul {\n" + body + "\n}\n"
 
 
-ELSE = "  else { gemm mc=48 nc=512 kc=256 mr=6 nr=32 threads=1 split=m }"
+ELSE = "  else { gemm mc=48 nc=512 kc=256 mr=6 nr=32 threads=1 split=m engine=fma pack_a=yes epilogue=fused }"
 
 
 def test_good_program_checks_clean_and_round_trips():
@@ -61,7 +61,7 @@ def test_good_program_checks_clean_and_round_trips():
 def test_selection_follows_rule_order():
     compiled = CompiledProgram(parse(GOOD), GOOD, "t.kevo", AVX512)
     s = compiled.select("matmul", matmul_features(4, 4096, 4096, dtype="bf16"))
-    assert (s.rule_number, s.config.to_dsl()) == (1, "gemv nb=64 threads=2")
+    assert (s.rule_number, s.config.to_dsl()) == (1, "gemv nb=64 kb=256 threads=2 epilogue=fused")
     s = compiled.select("matmul", matmul_features(256, 4096, 4096, dtype="f32"))
     assert s.rule_number == 2 and s.config.get("threads") == 1  # M > 512 is false
     s = compiled.select("matmul", matmul_features(1024, 4096, 4096))
@@ -98,12 +98,12 @@ def test_end_of_file():
 
 
 def test_missing_else():
-    d = only(program("  when M > 1 { gemm mc=48 nc=512 kc=256 mr=6 nr=32 threads=1 split=m }"))
+    d = only(program("  when M > 1 { gemm mc=48 nc=512 kc=256 mr=6 nr=32 threads=1 split=m engine=fma pack_a=yes epilogue=fused }"))
     assert "needs a final `else" in d.message and d.line == 5  # at the closing brace
 
 
 def test_rule_after_else_is_unreachable():
-    d = only(program(ELSE + "\n  when M > 1 { gemv nb=64 threads=1 }"))
+    d = only(program(ELSE + "\n  when M > 1 { gemv nb=64 kb=256 threads=1 epilogue=fused }"))
     assert d.line == 5 and "never reached" in d.message and "else rule at line 4" in d.message
 
 
@@ -115,27 +115,27 @@ def test_unknown_target_and_version():
 
 
 def test_unknown_name_with_suggestion():
-    d = only(program("  when Mm > 1 { gemv nb=64 threads=1 }\n" + ELSE))
+    d = only(program("  when Mm > 1 { gemv nb=64 kb=256 threads=1 epilogue=fused }\n" + ELSE))
     assert (d.line, d.column) == (4, 8) and "unknown name 'Mm'" in d.message and "'M'" in d.message
 
 
 def test_unknown_symbol_value():
-    d = only(program("  when dtype == f64 { gemv nb=64 threads=1 }\n" + ELSE))
+    d = only(program("  when dtype == f64 { gemv nb=64 kb=256 threads=1 epilogue=fused }\n" + ELSE))
     assert (d.line, d.column) == (4, 17) and "'f64' is not a value of dtype" in d.message
 
 
 def test_type_errors():
-    d = only(program("  when M + 1 { gemv nb=64 threads=1 }\n" + ELSE))
+    d = only(program("  when M + 1 { gemv nb=64 kb=256 threads=1 epilogue=fused }\n" + ELSE))
     assert "must be true/false" in d.message and d.column == 8
-    d = only(program("  when M and K > 1 { gemv nb=64 threads=1 }\n" + ELSE))
+    d = only(program("  when M and K > 1 { gemv nb=64 kb=256 threads=1 epilogue=fused }\n" + ELSE))
     assert "'and' needs true/false" in d.message
-    d = only(program("  when transpose_b > 1 { gemv nb=64 threads=1 }\n" + ELSE))
+    d = only(program("  when transpose_b > 1 { gemv nb=64 kb=256 threads=1 epilogue=fused }\n" + ELSE))
     assert "'>' needs numbers" in d.message
 
 
 def test_unknown_family_and_parameter():
     found = diagnostics(program("  when M > 1 { gemmm mc=1 }\n  else { gemm mc=48 nc=512 kc=256 mr=6 "
-                                "nr=32 threads=1 split=m bk=16 }"))
+                                "nr=32 threads=1 split=m engine=fma pack_a=yes epilogue=fused bk=16 }"))
     assert len(found) == 2
     assert "unknown matmul family 'gemmm'" in found[0].message and "'gemm'" in found[0].message
     assert (found[1].line, "no parameter 'bk'") == (5, "no parameter 'bk'") and "no parameter 'bk'" in found[1].message
@@ -151,7 +151,7 @@ def test_value_outside_domain_and_missing_parameter():
 
 
 def test_constraint_violations_use_the_chip():
-    text = program("  else { gemm mc=50 nc=512 kc=256 mr=16 nr=64 threads=4 split=m }")
+    text = program("  else { gemm mc=50 nc=512 kc=256 mr=16 nr=64 threads=4 split=m engine=fma pack_a=yes epilogue=fused }")
     messages = [d.message for d in diagnostics(text)]
     assert any("mc % mr == 0" in m for m in messages)
     assert any("vector registers" in m for m in messages)  # 16x64 needs 69 registers
@@ -159,11 +159,11 @@ def test_constraint_violations_use_the_chip():
 
 
 def test_unreachable_and_never_matching_rules():
-    found = diagnostics(program("  when M > 1 { gemv nb=64 threads=1 }\n"
-                                "  when M > 1 { gemv nb=32 threads=1 }\n"
-                                "  when 1 > 2 { gemv nb=32 threads=1 }\n"
-                                "  when yes { gemv nb=16 threads=1 }\n"
-                                "  when K > 1 { gemv nb=16 threads=1 }\n" + ELSE))
+    found = diagnostics(program("  when M > 1 { gemv nb=64 kb=256 threads=1 epilogue=fused }\n"
+                                "  when M > 1 { gemv nb=32 kb=256 threads=1 epilogue=fused }\n"
+                                "  when 1 > 2 { gemv nb=32 kb=256 threads=1 epilogue=fused }\n"
+                                "  when yes { gemv nb=16 kb=256 threads=1 epilogue=fused }\n"
+                                "  when K > 1 { gemv nb=16 kb=256 threads=1 epilogue=fused }\n" + ELSE))
     messages = {d.line: d.message for d in found}
     assert "same condition" in messages[5]
     assert "always false" in messages[6]
@@ -171,7 +171,7 @@ def test_unreachable_and_never_matching_rules():
 
 
 def test_several_diagnostics_at_once_in_order():
-    found = diagnostics(program("  when Q > 1 { gemn }\n  when dtype == f8 { gemv nb=3 threads=1 }"))
+    found = diagnostics(program("  when Q > 1 { gemn }\n  when dtype == f8 { gemv nb=3 kb=256 threads=1 epilogue=fused }"))
     assert len(found) >= 4
     assert [(d.line, d.column) for d in found] == sorted((d.line, d.column) for d in found)
 
@@ -185,27 +185,27 @@ def test_let_rules():
 
 
 def test_selection_errors_point_at_the_rule():
-    text = program("  when M < 100 { gemm mc=M nc=512 kc=256 mr=6 nr=32 threads=1 split=m }\n" + ELSE)
+    text = program("  when M < 100 { gemm mc=M nc=512 kc=256 mr=6 nr=32 threads=1 split=m engine=fma pack_a=yes epilogue=fused }\n" + ELSE)
     compiled = CompiledProgram(parse(text), text, "t.kevo", AVX512)
     assert compiled.select("matmul", matmul_features(12, 8, 8)).config.get("mc") == 12
     with pytest.raises(DSLError) as info:
         compiled.select("matmul", matmul_features(13, 8, 8))
     d = info.value.first
     assert d.line == 4 and "mc % mr == 0" in d.message
-    text = program("  when M < 100 { gemv nb=64 threads=1 }\n" + ELSE)
+    text = program("  when M < 100 { gemv nb=64 kb=256 threads=1 epilogue=fused }\n" + ELSE)
     compiled = CompiledProgram(parse(text), text, "t.kevo", AVX512)
-    text2 = program("  when M < 1000 { gemv nb=64 threads=1 }\n" + ELSE)
+    text2 = program("  when M < 1000 { gemv nb=64 kb=256 threads=1 epilogue=fused }\n" + ELSE)
     compiled2 = CompiledProgram(parse(text2), text2, "t.kevo", AVX512)
     with pytest.raises(DSLError, match="M <= 64"):
         compiled2.select("matmul", matmul_features(100, 8, 8))
 
 
 def test_evaluation_errors_are_dsl_errors():
-    text = program("  when M // (K - K) > 1 { gemv nb=64 threads=1 }\n" + ELSE)
+    text = program("  when M // (K - K) > 1 { gemv nb=64 kb=256 threads=1 epilogue=fused }\n" + ELSE)
     compiled = CompiledProgram(parse(text), text, "t.kevo", AVX512)
     with pytest.raises(DSLError, match="division by zero"):
         compiled.select("matmul", matmul_features(12, 8, 8))
-    text = program("  when (1 << 61) * M > 1 { gemv nb=64 threads=1 }\n" + ELSE)
+    text = program("  when (1 << 61) * M > 1 { gemv nb=64 kb=256 threads=1 epilogue=fused }\n" + ELSE)
     compiled = CompiledProgram(parse(text), text, "t.kevo", AVX512)
     with pytest.raises(DSLError, match="out of range"):
         compiled.select("matmul", matmul_features(12, 8, 8))
@@ -214,11 +214,11 @@ def test_evaluation_errors_are_dsl_errors():
 def test_functions():
     text = program("  when pow2ceil(M) == 16 and pow2floor(N) == 8 and log2(K) == 3 and cdiv(K, 3) == 3 "
                    "and clamp(M, 1, 4) == 4 and min(M, N, K) == 9 and max(M, 2) == 12 "
-                   "{ gemv nb=64 threads=1 }\n" + ELSE)
+                   "{ gemv nb=64 kb=256 threads=1 epilogue=fused }\n" + ELSE)
     compiled = CompiledProgram(parse(text), text, "t.kevo", AVX512)
     assert compiled.select("matmul", matmul_features(12, 9, 9)).rule_number == 1
     assert compiled.select("matmul", matmul_features(17, 9, 9)).rule_number == 2
-    d = only(program("  when powceil(M) > 1 { gemv nb=64 threads=1 }\n" + ELSE))
+    d = only(program("  when powceil(M) > 1 { gemv nb=64 kb=256 threads=1 epilogue=fused }\n" + ELSE))
     assert "unknown function 'powceil'" in d.message and "pow2ceil" in d.message
 
 
@@ -242,54 +242,54 @@ def test_missing_target():
 
 
 def test_parameter_given_twice():
-    d = only(program("  else { gemv nb=16 nb=32 threads=1 }"))
+    d = only(program("  else { gemv nb=16 nb=32 kb=256 threads=1 epilogue=fused }"))
     assert (d.line, d.column) == (4, 21) and "'nb' is given twice" in d.message
 
 
 def test_parameter_types():
-    d = only(program("  when M > 1 { gemv nb=yes threads=1 }\n" + ELSE))
+    d = only(program("  when M > 1 { gemv nb=yes threads=1 kb=256 epilogue=fused }\n" + ELSE))
     assert (d.line, d.column) == (4, 24) and "nb takes an integer; this is true/false" in d.message
-    d = only(program("  when M > 1 { gemv nb=16 threads=dtype }\n" + ELSE))
+    d = only(program("  when M > 1 { gemv nb=16 threads=dtype kb=256 epilogue=fused }\n" + ELSE))
     assert "threads takes an integer; this is a symbol" in d.message
-    d = only(program("  else { gemm mc=48 nc=512 kc=256 mr=6 nr=32 threads=1 split=3 }"))
+    d = only(program("  else { gemm mc=48 nc=512 kc=256 mr=6 nr=32 threads=1 split=3 engine=fma pack_a=yes epilogue=fused }"))
     assert (d.line, d.column) == (4, 62) and "split takes one of m, n; this is an integer" in d.message
 
 
 def test_unknown_chip_fact_and_object():
-    d = only(program("  when chip.corez > 1 { gemv nb=16 threads=1 }\n" + ELSE))
+    d = only(program("  when chip.corez > 1 { gemv nb=16 threads=1 kb=256 epilogue=fused }\n" + ELSE))
     assert (d.line, d.column) == (4, 8) and "unknown chip fact 'corez'" in d.message and "'cores'" in d.message
-    d = only(program("  when host.cores > 1 { gemv nb=16 threads=1 }\n" + ELSE))
+    d = only(program("  when host.cores > 1 { gemv nb=16 threads=1 kb=256 epilogue=fused }\n" + ELSE))
     assert "unknown object 'host'" in d.message
 
 
 def test_function_arity():
-    d = only(program("  when clamp(M, 1) > 1 { gemv nb=16 threads=1 }\n" + ELSE))
+    d = only(program("  when clamp(M, 1) > 1 { gemv nb=16 threads=1 kb=256 epilogue=fused }\n" + ELSE))
     assert (d.line, d.column) == (4, 8) and "clamp takes 3 arguments, got 2" in d.message
 
 
 def test_shift_needs_integers_and_if_branches_agree():
-    d = only(program("  when M << 1.5 > 1 { gemv nb=16 threads=1 }\n" + ELSE))
+    d = only(program("  when M << 1.5 > 1 { gemv nb=16 threads=1 kb=256 epilogue=fused }\n" + ELSE))
     assert "'<<' needs integers" in d.message
-    d = only(program("  when (1 if M > 2 else yes) { gemv nb=16 threads=1 }\n" + ELSE))
+    d = only(program("  when (1 if M > 2 else yes) { gemv nb=16 threads=1 kb=256 epilogue=fused }\n" + ELSE))
     assert "both branches of 'if' must have one type" in d.message
 
 
 def test_cannot_compare_different_kinds():
-    d = only(program("  when transpose_b == 3 { gemv nb=16 threads=1 }\n" + ELSE))
+    d = only(program("  when transpose_b == 3 { gemv nb=16 threads=1 kb=256 epilogue=fused }\n" + ELSE))
     assert (d.line, d.column) == (4, 8) and "cannot compare true/false with an integer" in d.message
 
 
 def test_structural_hints():
-    d = only("kevo 1\ntarget cpu\nwhen M > 1 { gemv nb=16 threads=1 }\n")
+    d = only("kevo 1\ntarget cpu\nwhen M > 1 { gemv nb=16 threads=1 kb=256 epilogue=fused }\n")
     assert d.line == 3 and "inside a section" in d.message
     d = only("target cpu\nmatmul {\n" + ELSE + "\n}\n")
     assert d.line == 1 and "kevo 1" in d.message
-    d = only("kevo 1\ntarget cpu\nmatmul {\n  when M > 1 gemv nb=16 threads=1 }\n}\n")
+    d = only("kevo 1\ntarget cpu\nmatmul {\n  when M > 1 gemv nb=16 threads=1 kb=256 epilogue=fused }\n}\n")
     assert d.line == 4 and "when <condition> {" in d.message
 
 
 def test_shift_out_of_range_at_selection():
-    text = program("  when M << K > 1 { gemv nb=16 threads=1 }\n" + ELSE)
+    text = program("  when M << K > 1 { gemv nb=16 threads=1 kb=256 epilogue=fused }\n" + ELSE)
     compiled = CompiledProgram(parse(text), text, "t.kevo", AVX512)
     with pytest.raises(DSLError, match="shift by 70 is out of range") as info:
         compiled.select("matmul", matmul_features(1, 8, 70))
@@ -297,10 +297,10 @@ def test_shift_out_of_range_at_selection():
 
 
 def test_rendered_diagnostic_format():
-    d = only(program("  when Mm > 1 { gemv nb=16 threads=1 }\n" + ELSE))
+    d = only(program("  when Mm > 1 { gemv nb=16 threads=1 kb=256 epilogue=fused }\n" + ELSE))
     lines = d.render().splitlines()
     assert lines[0].startswith("t.kevo:4:8: error: unknown name 'Mm'")
-    assert lines[1] == "      when Mm > 1 { gemv nb=16 threads=1 }"
+    assert lines[1] == "      when Mm > 1 { gemv nb=16 threads=1 kb=256 epilogue=fused }"
     assert lines[2] == "    " + " " * 7 + "^^"
 
 
@@ -333,7 +333,7 @@ def test_documented_examples_are_valid():
     for fragment in fragments:
         op = "attention" if "decode" in fragment or "flash" in fragment else "matmul"
         backend = "cpu" if "gemm mc=" in fragment else "metal"
-        else_rule = ("  else { gemv nb=16 threads=1 }" if backend == "cpu" else
+        else_rule = ("  else { gemv nb=16 threads=1 kb=256 epilogue=fused }" if backend == "cpu" else
                      "  else { mlx }")
         chips_line = "chips cpu-avx512-*\n" if backend == "cpu" else ""
         text = f"kevo 1\ntarget {backend}\n{chips_line}\n{op} {{\n{fragment}{else_rule}\n}}\n"

@@ -154,8 +154,8 @@ def test_arbitrary_text_only_raises_dsl_errors(text):
 
 
 def _with_condition(condition: str) -> str:
-    return ("kevo 1\ntarget cpu\nmatmul {\n  when " + condition + " > 1 { gemv nb=16 threads=1 }\n"
-            "  else { gemv nb=16 threads=1 }\n}\n")
+    return ("kevo 1\ntarget cpu\nmatmul {\n  when " + condition + " > 1 { gemv nb=16 threads=1 kb=256 epilogue=fused }\n"
+            "  else { gemv nb=16 threads=1 kb=256 epilogue=fused }\n}\n")
 
 
 def test_deep_nesting_is_an_error_not_a_crash():

@@ -19,19 +19,38 @@ def cfg(text):
     return KernelConfig.parse(text, "matmul", "cpu")
 
 
-# A spread of configurations: edge tiles, small blocks that force many k/n/m blocks,
-# both thread splits, and the gemv family.
+ENGINES = ke.ops._ext.cpu_engines()
+WIDE = CHIP.vector_registers >= 32
+TAIL = "pack_a=yes epilogue=fused"
+
+# A spread of configurations: edge tiles, small blocks that force many k/n/m blocks, both
+# thread splits, A packed and read in place, every engine this CPU has, and the gemv family.
 CONFIGS = [
-    cfg(f"gemm mc=6 nc=48 kc=7 mr=6 nr=48 threads={CHIP.cores} split=m"),
-    cfg("gemm mc=16 nc=32 kc=16 mr=16 nr=16 threads=1 split=n") if CHIP.vector_registers >= 32
-    else cfg("gemm mc=16 nc=32 kc=16 mr=4 nr=16 threads=1 split=n"),
-    cfg(f"gemm mc=3 nc=64 kc=33 mr=1 nr=64 threads={CHIP.cores} split=n") if CHIP.vector_registers >= 32
-    else cfg(f"gemm mc=3 nc=64 kc=33 mr=1 nr=16 threads={CHIP.cores} split=n"),
-    cfg(f"gemm mc=10 nc=32 kc=100 mr=5 nr=32 threads={CHIP.cores} split=m") if CHIP.vector_registers >= 32
-    else cfg(f"gemm mc=10 nc=16 kc=100 mr=5 nr=16 threads={CHIP.cores} split=m"),
-    cfg(f"gemv nb=16 threads={CHIP.cores}"),
-    cfg("gemv nb=48 threads=1"),
+    cfg(f"gemm mc=6 nc=48 kc=7 mr=6 nr=48 threads={CHIP.cores} split=m engine=fma {TAIL}"),
+    cfg(f"gemm mc=16 nc=32 kc=16 mr={16 if WIDE else 4} nr=16 threads=1 split=n engine=fma "
+        "pack_a=no epilogue=fused"),
+    cfg(f"gemm mc=3 nc=64 kc=33 mr=1 nr={64 if WIDE else 16} threads={CHIP.cores} split=n "
+        f"engine=fma {TAIL}"),
+    cfg(f"gemm mc=10 nc=32 kc=100 mr=5 nr={32 if WIDE else 16} threads={CHIP.cores} split=m "
+        "engine=fma pack_a=no epilogue=separate"),
+    cfg(f"gemv nb=16 kb=32 threads={CHIP.cores} epilogue=fused"),
+    cfg("gemv nb=48 kb=4096 threads=1 epilogue=separate"),
 ]
+# bf16 only: the engines that multiply pairs of bf16
+BF16_CONFIGS = []
+if "bf16dot" in ENGINES:
+    BF16_CONFIGS += [
+        cfg(f"gemm mc=12 nc=64 kc=20 mr=6 nr=32 threads={CHIP.cores} split=m engine=bf16dot {TAIL}"),
+        cfg(f"gemm mc=8 nc=48 kc=64 mr=4 nr=48 threads={CHIP.cores} split=n engine=bf16dot "
+            "pack_a=no epilogue=fused"),
+    ]
+if "amx" in ENGINES:
+    BF16_CONFIGS += [
+        cfg(f"gemm mc=64 nc=64 kc=32 mr=32 nr=32 threads={CHIP.cores} split=m engine=amx {TAIL}"),
+        cfg(f"gemm mc=48 nc=96 kc=64 mr=16 nr=48 threads={CHIP.cores} split=n engine=amx "
+            "pack_a=no epilogue=fused"),
+        cfg(f"gemm mc=48 nc=64 kc=4096 mr=48 nr=16 threads=1 split=m engine=amx {TAIL}"),
+    ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -44,8 +63,8 @@ def test_default_heuristics_match_numpy(rng, dtype, M, N, K):
     assert relative_error(out, f64(a) @ f64(b)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config,dtype", [(c, d) for c in CONFIGS for d in DTYPES]
+                         + [(c, "bf16") for c in BF16_CONFIGS], ids=lambda x: getattr(x, "name", x))
 @pytest.mark.parametrize("transpose_b", [False, True])
 def test_every_configuration_is_correct(rng, config, dtype, transpose_b):
     M, N, K = (7, 101, 67) if config.family == "gemv" else (37, 101, 67)
@@ -57,16 +76,47 @@ def test_every_configuration_is_correct(rng, config, dtype, transpose_b):
     assert relative_error(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("config", BF16_CONFIGS, ids=lambda c: c.name)
+def test_bf16_engines_on_blocks_and_layouts(rng, config):
+    """Several depth blocks, row blocks and panels; A transposed (packed or copied)."""
+    M, N, K = 131, 170, 203
+    a = operand(rng, (K, M), "bf16")  # used transposed
+    b = operand(rng, (N, K), "bf16")
+    out = ke.matmul(a, b, transpose_a=True, transpose_b=True, config=config)
+    assert relative_error(out, f64(a).T @ f64(b).T) < TOL["bf16"]
+    a2 = operand(rng, (2, M, 256), "bf16")  # depth a whole number of tiles: A read in place
+    b2 = operand(rng, (256, N), "bf16")
+    assert relative_error(ke.matmul(a2, b2, config=config), f64(a2) @ f64(b2)) < TOL["bf16"]
+
+
+def test_engines_match_the_chip():
+    """The extension runs exactly the engines the schema allows on this chip."""
+    from kernelevo.families.cpu_matmul import CPU_ENGINES, engine_available
+
+    assert {e for e in CPU_ENGINES if engine_available(e, CHIP)} == set(ENGINES)
+
+
+def test_bf16_engines_refuse_other_dtypes(rng):
+    if len(ENGINES) == 1:
+        pytest.skip("this CPU has only the fma engine")
+    engine = ENGINES[-1]
+    tile = "mr=32 nr=32 kc=64" if engine == "amx" else "mr=4 nr=16 kc=64"
+    a, b = operand(rng, (8, 64), "f32"), operand(rng, (64, 32), "f32")
+    with pytest.raises(ke.ConfigError, match="engine fma for f16/f32"):
+        ke.matmul(a, b, config=f"gemm mc=32 nc=32 {tile} threads=1 split=m engine={engine} {TAIL}")
+
+
 def test_sampled_search_space_is_correct(rng):
-    """Random configurations the tuner may try, on odd sizes."""
+    """Random configurations the tuner may try, on odd sizes, for f32 and bf16."""
     import random
 
-    space = [KernelConfig.make("matmul", "cpu", f.name, p) for f in (CPU_GEMM, CPU_GEMV)
-             for p in f.search_space(CHIP, {"M": 9})]
-    for config in random.Random(7).sample(space, 24):
-        a, b = operand(rng, (9, 131), "f32"), operand(rng, (131, 77), "f32")
-        out = ke.matmul(a, b, config=config)
-        assert relative_error(out, f64(a) @ f64(b)) < TOL["f32"], config.to_dsl()
+    for dtype, count in (("f32", 20), ("bf16", 12)):
+        space = [KernelConfig.make("matmul", "cpu", f.name, p) for f in (CPU_GEMM, CPU_GEMV)
+                 for p in f.search_space(CHIP, {"M": 9, "dtype": dtype})]
+        for config in random.Random(7).sample(space, count):
+            a, b = operand(rng, (9, 131), dtype), operand(rng, (131, 77), dtype)
+            out = ke.matmul(a, b, config=config)
+            assert relative_error(out, f64(a) @ f64(b)) < TOL[dtype], config.to_dsl()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -179,10 +229,10 @@ def test_inside_mx_compile(rng):
 
 def test_forced_configuration_is_the_one_in_the_graph(rng):
     a, b = operand(rng, (8, 16), "f32"), operand(rng, (16, 32), "f32")
-    config = cfg("gemm mc=8 nc=32 kc=8 mr=4 nr=16 threads=1 split=n")
+    config = cfg(f"gemm mc=8 nc=32 kc=8 mr=4 nr=16 threads=1 split=n engine=fma {TAIL}")
     out = ke.matmul(a, b, config=config.to_dsl())
     family, params = ke.ops._ext.config_of(out)
-    assert KernelConfig.make("matmul", "cpu", family, params) == config
+    assert (family, params) == (config.family, config.ext_params())
 
 
 def test_bad_shapes_and_dtypes_raise_value_error(rng):
@@ -199,29 +249,62 @@ def test_bad_shapes_and_dtypes_raise_value_error(rng):
 
 def test_bad_configurations_are_refused(rng):
     a, b = operand(rng, (8, 16), "f32"), operand(rng, (16, 32), "f32")
+    base = f"nc=32 kc=8 mr=4 nr=16 threads=1 split=m engine=fma {TAIL}"
     with pytest.raises(ke.ConfigError, match="mc % mr == 0"):
-        ke.matmul(a, b, config="gemm mc=7 nc=32 kc=8 mr=4 nr=16 threads=1 split=m")
+        ke.matmul(a, b, config=f"gemm mc=7 {base}")
     with pytest.raises(ke.ConfigError, match="no parameter"):
-        ke.matmul(a, b, config="gemm mc=8 nc=32 kc=8 mr=4 nr=16 threads=1 split=m bk=3")
+        ke.matmul(a, b, config=f"gemm mc=8 {base} bk=3")
     with pytest.raises(ke.ConfigError, match="needs"):
         ke.matmul(a, b, config="gemm mc=8")
+    with pytest.raises(ke.ConfigError, match="register tile the engine has"):
+        ke.matmul(a, b, config=f"gemm mc=32 nc=32 kc=32 mr=32 nr=16 threads=1 split=m engine=fma {TAIL}")
     with pytest.raises(ke.ConfigError, match="M <= 64"):
-        ke.matmul(operand(rng, (65, 16), "f32"), b, config="gemv nb=32 threads=1")
+        ke.matmul(operand(rng, (65, 16), "f32"), b, config="gemv nb=32 kb=64 threads=1 epilogue=fused")
     with pytest.raises(ke.DSLError, match="1:1"):
         ke.matmul(a, b, config="= 3")
 
 
 def test_extension_rejects_parameters_it_does_not_read():
     ext = ke.ops._ext
-    ext.validate_matmul_config("gemm", {"mc": 8, "nc": 32, "kc": 8, "mr": 4, "nr": 16, "threads": 1, "split": "m"})
+    good = {"mc": 8, "nc": 32, "kc": 8, "mr": 4, "nr": 16, "threads": 1, "split": "m",
+            "engine": "fma", "pack_a": 1, "epilogue": "fused"}
+    ext.validate_matmul_config("gemm", good)
     with pytest.raises(ValueError, match="does not take parameter 'swizzle'"):
-        ext.validate_matmul_config("gemm", {"mc": 8, "nc": 32, "kc": 8, "mr": 4, "nr": 16,
-                                            "threads": 1, "split": "m", "swizzle": 1})
+        ext.validate_matmul_config("gemm", {**good, "swizzle": 1})
     with pytest.raises(ValueError, match="needs parameter 'kc'"):
-        ext.validate_matmul_config("gemm", {"mc": 8, "nc": 32, "mr": 4, "nr": 16, "threads": 1, "split": "m"})
+        ext.validate_matmul_config("gemm", {k: v for k, v in good.items() if k != "kc"})
+    with pytest.raises(ValueError, match="'engine' must be one of fma, bf16dot, amx"):
+        ext.validate_matmul_config("gemm", {**good, "engine": "tensor"})
 
 
 def test_gpu_stream_is_refused_clearly(rng):
     a, b = operand(rng, (2, 2), "f32"), operand(rng, (2, 2), "f32")
     with pytest.raises(ke.BackendNotSupportedError, match="not yet supported on this backend"):
         ke.matmul(a, b, stream=mx.gpu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_gemv_rows_columns_and_depth_chunks(rng, dtype, transpose_b):
+    """Every row-group size, columns and depth that are not multiples of the vectors, depth
+    chunks shorter than the depth, and batches."""
+    for M, N, K, kb in [(1, 37, 70, 16), (2, 64, 33, 32), (3, 20, 129, 64), (5, 99, 48, 4096),
+                        (16, 133, 301, 96), (64, 17, 19, 16)]:
+        a = operand(rng, (2, M, K), dtype)
+        b = operand(rng, (2, N, K) if transpose_b else (2, K, N), dtype)
+        out = ke.matmul(a, b, transpose_b=transpose_b,
+                        config=f"gemv nb=32 kb={kb} threads={CHIP.cores} epilogue=fused")
+        ref = f64(a) @ (np.swapaxes(f64(b), -1, -2) if transpose_b else f64(b))
+        assert relative_error(out, ref) < TOL[dtype], (M, N, K, kb)
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS + BF16_CONFIGS if c.family == "gemm"],
+                         ids=lambda c: c.name)
+def test_batches_reuse_nothing_from_the_previous_entry(rng, config):
+    """A is packed (or copied) once per batch entry and shared by the team: every entry
+    must see its own A and B."""
+    dtype = "f32" if config.get("engine") == "fma" else "bf16"
+    a = operand(rng, (3, 45, 70), dtype)
+    b = operand(rng, (3, 70, 53), dtype)
+    out = ke.matmul(a, b, config=config)
+    assert relative_error(out, f64(a) @ f64(b)) < TOL[dtype]

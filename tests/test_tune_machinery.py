@@ -40,8 +40,8 @@ def cli(*args, **kw):
 def test_faulty_candidates_are_recorded_and_never_chosen():
     settings = TuneSettings(strategy="exhaustive", candidates=40, reps=2, warmup=0, confirm=2,
                             job_timeout_s=8)
-    command = [sys.executable, FAULTY, "crash=mr=4+nr=64", "hang=mr=6+nr=32+threads=1+split=m",
-               "wrong=mr=8+nr=16"]
+    command = [sys.executable, FAULTY, "crash=nr=32+threads=1+split=m",
+               "hang=nr=16+threads=2+split=n+pack_a=no+epilogue=fused", "wrong=nr=48+threads=1+split=n"]
     workload = Workload("t", "test", (MatmulShape(24, 96, 80, "f32"),))
     with Database(database_path()) as db:
         result = Tuner("cpu", db, settings, worker_command=command).run(workload, write=False)
@@ -51,11 +51,12 @@ def test_faulty_candidates_are_recorded_and_never_chosen():
     def planted(config, *parts):
         return all(f" {p} " in f" {config} " for p in parts)
 
-    assert by_status["crash"] and all(planted(r.config, "mr=4", "nr=64") and "SIGSEGV" in r.reason
-                                      for r in by_status["crash"])
-    assert [planted(r.config, "mr=6", "nr=32", "threads=1", "split=m") for r in by_status["timeout"]] == [True]
-    assert by_status["wrong"] and all(planted(r.config, "mr=8", "nr=16") and "relative error" in r.reason
-                                      for r in by_status["wrong"])
+    assert by_status["crash"] and all(planted(r.config, "nr=32", "threads=1", "split=m")
+                                      and "SIGSEGV" in r.reason for r in by_status["crash"])
+    assert [planted(r.config, "nr=16", "threads=2", "split=n", "pack_a=no", "epilogue=fused")
+            for r in by_status["timeout"]] == [True]
+    assert by_status["wrong"] and all(planted(r.config, "nr=48", "threads=1", "split=n")
+                                      and "relative error" in r.reason for r in by_status["wrong"])
     assert len(by_status["ok"]) > 10
     assert result.restarts == len(by_status["crash"]) + len(by_status["timeout"])
     faulty = {r.config for s in ("crash", "timeout", "wrong") for r in by_status[s]}
@@ -141,8 +142,9 @@ def _synthetic(seed: int):
     import random
 
     rng = random.Random(seed)
-    pool = [KernelConfig.parse(f"gemv nb={16 * (i + 1)} threads=1", "matmul", "cpu") for i in range(8)]
-    shipped = KernelConfig.parse("gemv nb=512 threads=1", "matmul", "cpu")
+    pool = [KernelConfig.parse(f"gemv nb={16 * (i + 1)} kb=256 threads=1 epilogue=fused", "matmul", "cpu")
+            for i in range(8)]
+    shipped = KernelConfig.parse("gemv nb=512 threads=1 kb=256 epilogue=fused", "matmul", "cpu")
     results = []
     for i in range(14):
         shape = MatmulShape(rng.choice([1, 2, 4, 8]), rng.choice([64, 128, 256, 512]),
@@ -170,7 +172,7 @@ def test_distilled_program_is_within_two_percent_of_each_shapes_best(seed):
     assert all(g >= 1.0 for g in got)  # never slower than the shipped choice
     assert len(distilled.rules) <= len([r for r in results if r.best])
     # the written program chooses exactly that, and leaves other shapes to the shipped rules
-    base = parse("kevo 1\ntarget cpu\n\nmatmul {\n  else { gemv nb=512 threads=1 }\n}\n")
+    base = parse("kevo 1\ntarget cpu\n\nmatmul {\n  else { gemv nb=512 threads=1 kb=256 epilogue=fused }\n}\n")
     text = distilled.render(base, "base.kevo", LOCAL)
     compiled = CompiledProgram(parse(text), text, "tuned.kevo", LOCAL)
     assert check(parse(text), text, "tuned.kevo", LOCAL) == []

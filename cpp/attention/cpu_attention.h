@@ -21,7 +21,7 @@
 #include <cstdint>
 
 #include "common/config.h"
-#include "matmul/cpu_gemm.h"  // cpu::Dtype
+#include "common/dtype.h"
 
 namespace kernelevo::cpu {
 

@@ -7,8 +7,13 @@
 #include <condition_variable>
 #include <exception>
 #include <mutex>
+#include <stdexcept>
 #include <thread>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace kernelevo {
 
@@ -116,6 +121,54 @@ Pool& pool() {
 }
 
 }  // namespace
+
+void Barrier::wait() {
+  if (members_ == 1) return;
+  const uint64_t phase = phase_.load(std::memory_order_acquire);
+  if (arrived_.fetch_add(1, std::memory_order_acq_rel) == members_ - 1) {
+    arrived_.store(0, std::memory_order_relaxed);
+    phase_.fetch_add(1, std::memory_order_acq_rel);
+    return;
+  }
+  for (int spins = 0; phase_.load(std::memory_order_acquire) == phase; ++spins) {
+    if (aborted_.load(std::memory_order_acquire)) {
+      throw std::runtime_error("a member of the thread team failed");
+    }
+    if (spins < 4000) {
+#if defined(__x86_64__)
+      _mm_pause();
+#endif
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
+
+void parallel_team(int n_threads,
+                   const std::function<void(int rank, int size, Barrier& barrier)>& body) {
+  const int size = inside_pool_worker ? 1 : std::max(1, n_threads);
+  Barrier barrier(size);
+  if (size == 1) {
+    body(0, 1, barrier);
+    return;
+  }
+  // Every task blocks at its first barrier until all have started, so no worker can take
+  // two of them: each of the `size` tasks runs on its own worker.
+  std::exception_ptr first_error;
+  std::mutex error_mutex;
+  pool().run(size, size, [&](int rank, int) {
+    try {
+      body(rank, size, barrier);
+    } catch (...) {
+      {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!first_error) first_error = std::current_exception();
+      }
+      barrier.abort();  // after recording: the waiters' own errors come second
+    }
+  });
+  if (first_error) std::rethrow_exception(first_error);
+}
 
 void parallel_for(int n_tasks, int n_threads,
                   const std::function<void(int, int)>& body) {

@@ -4,6 +4,7 @@
 
 #include <functional>
 #include <optional>
+#include <string>
 
 #include "common/config.h"
 #include "mlx/mlx.h"
@@ -13,11 +14,25 @@ namespace kernelevo {
 
 namespace mx = mlx::core;
 
+// What is applied to the product, in this order: act(product * scale + bias) + residual.
+// Bias and residual broadcast to the result's shape (bias of shape (N,) is a linear
+// layer's); they are cast to the result's dtype.
+struct MatmulEpilogue {
+  float scale = 1.0f;
+  std::optional<mx::array> bias;
+  std::string activation = "none";  // none | relu | gelu | gelu_tanh | silu
+  std::optional<mx::array> residual;
+
+  // The call feature `epilogue`: none, bias, activation, residual, scale or mixed.
+  std::string kind() const;
+};
+
 // What a configuration is chosen from: the call's features.
 struct MatmulCall {
   int64_t M, N, K, batch;
   mx::Dtype dtype;
   bool transpose_a, transpose_b;
+  std::string epilogue;  // MatmulEpilogue::kind()
   mx::Device::DeviceType device;
 };
 
@@ -31,20 +46,28 @@ void set_matmul_selector(MatmulSelector selector);
 // leading axes broadcast as in numpy. 1-D operands behave as in mx.matmul.
 mx::array matmul(const mx::array& a, const mx::array& b,
                  const std::optional<KernelConfig>& config, bool transpose_a,
-                 bool transpose_b, mx::StreamOrDevice s = {});
+                 bool transpose_b, const MatmulEpilogue& epilogue = {},
+                 mx::StreamOrDevice s = {});
 
 // The features of a call, validating shapes and dtypes (throws std::invalid_argument).
 MatmulCall describe_matmul(const mx::Shape& a_shape, const mx::Shape& b_shape,
                            mx::Dtype a_dtype, mx::Dtype b_dtype, bool transpose_a,
                            bool transpose_b, mx::Device::DeviceType device);
 
+// The primitive's inputs: a, b, then bias and residual when present (each already
+// broadcast to the output's shape and dtype).
 class Matmul : public mx::Primitive {
  public:
-  Matmul(mx::Stream stream, KernelConfig config, bool transpose_a, bool transpose_b)
+  Matmul(mx::Stream stream, KernelConfig config, bool transpose_a, bool transpose_b,
+         float scale, std::string activation, bool has_bias, bool has_residual)
       : mx::Primitive(stream),
         config_(std::move(config)),
         transpose_a_(transpose_a),
-        transpose_b_(transpose_b) {}
+        transpose_b_(transpose_b),
+        scale_(scale),
+        activation_(std::move(activation)),
+        has_bias_(has_bias),
+        has_residual_(has_residual) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs,
                 std::vector<mx::array>& outputs) override;
@@ -68,8 +91,17 @@ class Matmul : public mx::Primitive {
   const KernelConfig& config() const { return config_; }
 
  private:
+  // The epilogue of this node with the given epilogue operands (or none).
+  MatmulEpilogue epilogue(const std::vector<mx::array>& inputs) const;
+  bool has_epilogue() const {
+    return scale_ != 1.0f || activation_ != "none" || has_bias_ || has_residual_;
+  }
+
   KernelConfig config_;
   bool transpose_a_, transpose_b_;
+  float scale_;
+  std::string activation_;
+  bool has_bias_, has_residual_;
 };
 
 }  // namespace kernelevo

@@ -45,9 +45,14 @@ class Chip:
         return fnmatchcase(self.id, pattern)
 
     @property
-    def amx(self) -> int:
-        """1 when the CPU has AMX-BF16 tile units, else 0."""
-        return int(self.backend == "cpu" and "amx_bf16" in self.isa)
+    def has_amx(self) -> int:
+        """1 when the CPU has AMX-BF16 tiles (the `amx` engine of gemm and flash needs them)."""
+        return int(self.backend == "cpu" and "amx_bf16" in self.isa and "amx_tile" in self.isa)
+
+    @property
+    def has_bf16dot(self) -> int:
+        """1 when the CPU has AVX512-BF16 (what the gemm family's `bf16dot` engine needs)."""
+        return int(self.backend == "cpu" and "avx512_bf16" in self.isa)
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,8 @@ FACTS: tuple[Fact, ...] = (
     Fact("peak_gflops", "peak_f32_gflops", "nominal f32 throughput in GFLOP/s"),
     Fact("generation", "generation", "Apple: the M generation (1 for M1, 3 for M3); NVIDIA: "
          "compute capability times ten (90 for Hopper); CPU: 0"),
-    Fact("amx", "amx", "CPU: 1 when the cores have AMX-BF16 tile units (flash dot=amx), else 0"),
+    Fact("amx", "has_amx", "CPU: 1 with AMX-BF16 tile units (gemm engine=amx, flash dot=amx), else 0"),
+    Fact("bf16dot", "has_bf16dot", "CPU: 1 with AVX512-BF16 dot products, else 0"),
 )
 FACT_NAMES: tuple[str, ...] = tuple(f.name for f in FACTS)
 

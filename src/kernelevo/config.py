@@ -35,6 +35,9 @@ class KernelConfig:
         missing = [n for n in fam.param_names if n not in params]
         if missing:
             raise ConfigError(f"{family_name} needs {', '.join(missing)}")
+        # flags in the extension's form (0/1, as config_of reports them) are booleans
+        params = {k: bool(v) if fam.param(k).kind == "bool" and v in (0, 1) else v
+                  for k, v in params.items()}
         for p in fam.params:
             if not p.contains(params[p.name]):
                 raise ConfigError(f"{family_name}: {p.name}={_text(params[p.name])} is not "

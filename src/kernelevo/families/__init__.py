@@ -9,7 +9,8 @@ selection code, the tuner's search, docs/dsl.md and the extension's tests read.
 from __future__ import annotations
 
 from .cpu_attention import CPU_ATTENTION_FAMILIES, CPU_DECODE, CPU_DECODE_SPLIT, CPU_FLASH
-from .cpu_matmul import CPU_GEMM, CPU_GEMV, CPU_MATMUL_FAMILIES, CPU_TILE_COLS, CPU_TILE_ROWS
+from .cpu_matmul import (AMX_TILES, CPU_ENGINES, CPU_GEMM, CPU_GEMV, CPU_MATMUL_FAMILIES, CPU_TILE_COLS,
+                         CPU_TILE_ROWS, register_tiles)
 from .cuda_attention import CUDA_ATTENTION_FAMILIES
 from .cuda_matmul import CUDA_MATMUL_FAMILIES
 from .metal_attention import METAL_ATTENTION_FAMILIES
@@ -34,7 +35,7 @@ def families_for(op: str, backend: str) -> tuple[Family, ...]:
 
 
 __all__ = [
-    "ALL_FAMILIES", "CPU_GEMM", "CPU_GEMV", "CPU_TILE_COLS", "CPU_TILE_ROWS", "Call",
-    "CPU_DECODE", "CPU_DECODE_SPLIT", "CPU_FLASH",
+    "ALL_FAMILIES", "AMX_TILES", "CPU_DECODE", "CPU_DECODE_SPLIT", "CPU_ENGINES", "CPU_FLASH",
+    "CPU_GEMM", "CPU_GEMV", "CPU_TILE_COLS", "CPU_TILE_ROWS", "Call", "register_tiles",
     "Constraint", "Family", "Param", "ParamValue", "Params", "families_for", "family",
 ]

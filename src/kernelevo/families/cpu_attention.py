@@ -47,7 +47,7 @@ CPU_FLASH = Family(
         Constraint("bq % 32 == 0 and bk % 32 == 0 when dot=amx (pairs of 16-row tiles)",
                    lambda p, chip, call: p["dot"] != "amx" or (p["bq"] % 32 == 0 and p["bk"] % 32 == 0)),
         Constraint("chip.amx == 1 when dot=amx (a CPU with AMX-BF16)",
-                   lambda p, chip, call: p["dot"] != "amx" or chip.cores == 0 or chip.amx == 1),
+                   lambda p, chip, call: p["dot"] != "amx" or chip.cores == 0 or chip.has_amx == 1),
         Constraint("dtype == bf16 when dot=amx",
                    lambda p, chip, call: p["dot"] != "amx" or call["dtype"] == "bf16", on_call=True),
     ),

@@ -28,12 +28,12 @@ def explain_matmul(features: dict, backend: str = "cpu"):
     return explain("matmul", features, backend)
 
 
-def _select(M, N, K, batch, dtype, transpose_a, transpose_b, device):
-    key = (M, N, K, batch, dtype, transpose_a, transpose_b, device)
+def _select(M, N, K, batch, dtype, transpose_a, transpose_b, epilogue, device):
+    key = (M, N, K, batch, dtype, transpose_a, transpose_b, epilogue, device)
     hit = _cache.get(key)
     if hit is None:
-        features = matmul_features(M, N, K, batch=batch, dtype=dtype,
-                                   transpose_a=transpose_a, transpose_b=transpose_b)
+        features = matmul_features(M, N, K, batch=batch, dtype=dtype, transpose_a=transpose_a,
+                                   transpose_b=transpose_b, epilogue=epilogue)
         config = select_matmul(features, backend_of_device(device)).config
         hit = _cache[key] = (config.family, config.ext_params())
     return hit
@@ -43,42 +43,86 @@ ext.set_matmul_selector(_select)
 
 
 def matmul(a: mx.array, b: mx.array, *, transpose_a: bool = False, transpose_b: bool = False,
+           bias: mx.array | None = None, activation: str | None = None,
+           residual: mx.array | None = None, scale: float | None = None,
            config: KernelConfig | str | None = None, stream=None) -> mx.array:
-    """Matrix product, a drop-in for `mx.matmul(a, b)`.
+    """Matrix product, a drop-in for `mx.matmul(a, b)`, with an optional fused epilogue.
 
     transpose_a / transpose_b multiply by the transpose of the last two axes without
     materialising it (`matmul(x, w, transpose_b=True)` is `x @ w.T`, as a linear layer
-    stores its weight). `config` forces one kernel configuration (a KernelConfig or its
-    DSL form, e.g. "gemm mc=96 nc=1024 kc=256 mr=6 nr=64 threads=2 split=m"); by default
-    the heuristics in force for this chip choose.
+    stores its weight).
+
+    The epilogue is applied to the f32 product before it is rounded, in this order:
+
+        out = activation(product * scale + bias) + residual
+
+    `activation` is one of "relu", "gelu" (erf), "gelu_tanh", "silu"; `bias` and `residual`
+    broadcast to the result's shape (a bias of shape (N,) is a linear layer's) and are cast
+    to its dtype. Gradients flow to a, b, bias and residual.
+
+    `config` forces one kernel configuration (a KernelConfig or its DSL form, e.g.
+    "gemm mc=96 nc=1024 kc=256 mr=6 nr=64 threads=2 split=m engine=fma pack_a=yes
+    epilogue=fused"); by default the heuristics in force for this chip choose.
     """
+    epilogue = _epilogue_args(bias, activation, residual, scale)
     if stream_backend(stream) in gpu.GPU_BACKENDS:
         return gpu.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b, config=config,
-                          stream=stream)
+                          epilogue=_gpu_epilogue(bias, activation, residual, scale), bias=bias,
+                          residual=residual, stream=stream)
     if config is None:
-        return ext.matmul(a, b, None, {}, transpose_a, transpose_b, stream=stream)
+        return ext.matmul(a, b, None, {}, transpose_a, transpose_b, stream=stream, **epilogue)
     return matmul_launcher(a, b, config, transpose_a=transpose_a, transpose_b=transpose_b,
-                           stream=stream)()
+                           stream=stream, **epilogue)()
+
+
+def _epilogue_args(bias, activation, residual, scale) -> dict:
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a number, not {type(scale).__name__}")
+    return {"bias": bias, "activation": "none" if activation is None else activation,
+            "residual": residual, "scale": 1.0 if scale is None else float(scale)}
+
+
+def _gpu_epilogue(bias, activation, residual, scale) -> gpu.Epilogue:
+    return gpu.Epilogue(bias=bias is not None, activation=activation or "none",
+                        residual=residual is not None,
+                        alpha=None if scale is None or float(scale) == 1.0 else float(scale))
+
+
+def epilogue_kind(bias=None, activation=None, residual=None, scale=None) -> str:
+    """The call feature `epilogue` for these arguments (as the extension computes it)."""
+    parts = {"scale": scale is not None and float(scale) != 1.0, "bias": bias is not None,
+             "activation": activation not in (None, "none"), "residual": residual is not None}
+    chosen = [name for name, present in parts.items() if present]
+    return "none" if not chosen else chosen[0] if len(chosen) == 1 else "mixed"
 
 
 def matmul_launcher(a: mx.array, b: mx.array, config: KernelConfig | str, *,
-                    transpose_a: bool = False, transpose_b: bool = False, stream=None):
-    """A function that builds `matmul(a, b, config=config)` with the checks done once up
-    front, so that timing loops measure the kernel rather than Python."""
+                    transpose_a: bool = False, transpose_b: bool = False, bias=None,
+                    activation: str | None = "none", residual=None, scale: float | None = 1.0,
+                    stream=None):
+    """A function that builds `matmul(a, b, config=config, ...)` with the checks done once
+    up front, so that timing loops measure the kernel rather than Python."""
     backend = stream_backend(stream)
     if backend in gpu.GPU_BACKENDS:
         cfg = as_config(config, "matmul", gpu.require_gpu("matmul"))
-        gpu.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b, config=cfg, stream=stream)
-        return lambda: gpu.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b,
-                                  config=cfg, stream=stream)
+        kwargs = dict(transpose_a=transpose_a, transpose_b=transpose_b, config=cfg, bias=bias,
+                      residual=residual, stream=stream,
+                      epilogue=_gpu_epilogue(bias, activation, residual, scale))
+        gpu.matmul(a, b, **kwargs)  # validates once
+        return lambda: gpu.matmul(a, b, **kwargs)
     cfg = as_config(config, "matmul", backend)
-    cfg.check(chips.detect(backend), call_features(a, b, transpose_a, transpose_b))
+    epilogue = _epilogue_args(bias, activation, residual, scale)
+    features = call_features(a, b, transpose_a, transpose_b,
+                             epilogue=epilogue_kind(bias, activation, residual, scale))
+    cfg.check(chips.detect(backend), features)
     family, params = cfg.family, cfg.ext_params()
-    return lambda: ext.matmul(a, b, family, params, transpose_a, transpose_b, stream=stream)
+    return lambda: ext.matmul(a, b, family, params, transpose_a, transpose_b, stream=stream,
+                              **epilogue)
 
 
-def call_features(a, b, transpose_a: bool = False, transpose_b: bool = False) -> dict:
+def call_features(a, b, transpose_a: bool = False, transpose_b: bool = False,
+                  epilogue: str = "none") -> dict:
     """The features of `matmul(a, b)` (the extension validates the shapes)."""
     M, N, K, batch, dtype = ext.describe_matmul(a, b, transpose_a, transpose_b)
     return matmul_features(M, N, K, batch=batch, dtype=dtype, transpose_a=transpose_a,
-                           transpose_b=transpose_b)
+                           transpose_b=transpose_b, epilogue=epilogue)
