@@ -147,9 +147,10 @@ __device__ __forceinline__ void attention_decode(const T* q, const T* k, const T
       l[r] *= c;
 #pragma unroll
       for (int i = 0; i < DL; ++i) o[r][i] *= c;
+      const float base = m_new == -inf() ? 0.0f : m_new;  // no key yet: every weight is 0
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        s[r][u] = fast_exp2(s[r][u] - m_new);
+        s[r][u] = fast_exp2(s[r][u] - base);
         l[r] += s[r][u];
       }
     }

@@ -172,11 +172,12 @@ __device__ __forceinline__ void attention_flash(const T* q, const T* k, const T*
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float c = rescale(m[i][h], mx);
         m[i][h] = mx;
+        const float base = mx == -inf() ? 0.0f : mx;  // no key yet: every weight is 0
         float sum = 0.0f;
 #pragma unroll
         for (int n = 0; n < BK / 8; ++n) {
-          s[i][n][2 * h] = fast_exp2(s[i][n][2 * h] - mx);
-          s[i][n][2 * h + 1] = fast_exp2(s[i][n][2 * h + 1] - mx);
+          s[i][n][2 * h] = fast_exp2(s[i][n][2 * h] - base);
+          s[i][n][2 * h + 1] = fast_exp2(s[i][n][2 * h + 1] - base);
           sum += s[i][n][2 * h] + s[i][n][2 * h + 1];
         }
         l[i][h] = l[i][h] * c + sum;  // this thread's share; the quad is summed at the end

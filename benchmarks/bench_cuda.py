@@ -1,0 +1,446 @@
+"""kernelevo's CUDA kernels against MLX-CUDA and PyTorch, side by side in one process.
+
+    python3 benchmarks/bench_cuda.py [--sections decode,prefill,gemm,linear] [--dtypes bf16,f16]
+                                     [--sweep] [--json out.jsonl] [--markdown out.md]
+
+Sections (the targets of issue 6):
+  decode   attention with q_len 1 (heads 32/8 and 16/8, D 128, kv 1k-32k, batch 1-8) vs
+           mx.fast.scaled_dot_product_attention and torch SDPA; bytes of K and V moved per
+           second, against the copy bandwidth measured in the same run
+  prefill  attention with L = Lq = Lkv 1k-8k, causal and not (heads 32/8, D 128)
+  gemm     large squares vs mx.matmul (cuBLAS) and torch.matmul
+  linear   LLM layer shapes (M <= 256) with bias + GELU: ke.linear fused vs MLX computing the
+           same unfused (x @ w.T + b, then nn.gelu) and MLX's best (addmm, then nn.gelu)
+
+Timing: for MLX, N calls are built as one lazy graph, then only its evaluation is timed
+(graph construction in Python excluded; launches overlap as in a model); for PyTorch, CUDA
+events around N calls. N is chosen so one sample takes >= 20 ms of GPU time; inputs rotate
+among copies totalling >= 4x the L2 cache, so no figure is a cache's. Implementations are
+interleaved sample by sample (A B C, B C A, ...), medians of 7 samples; ratios are medians
+of per-sample ratios. Every kernelevo output is checked against MLX's before it is timed.
+
+--sweep also times candidate configurations of each kernelevo family (the data the shipped
+nvidia.kevo rules were chosen from) and reports the best next to the heuristics' choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+import kernelevo as ke
+from kernelevo import chips
+from kernelevo.features import attention_features, matmul_features
+from kernelevo.lowering.cuda import Epilogue
+from kernelevo.ops import gpu
+
+L2_BYTES = 50 << 20
+SAMPLE_SECONDS = 0.02
+REPS = 7
+MX = {"bf16": mx.bfloat16, "f16": mx.float16}
+
+
+# ---- timing ------------------------------------------------------------------------
+
+
+def mlx_timer(call):
+    """Seconds per call of an MLX function of the rotation index, evaluated in batches."""
+
+    def sample(n):
+        outs = [call(i) for i in range(n)]
+        mx.synchronize()
+        start = time.perf_counter()
+        mx.eval(outs)
+        mx.synchronize()
+        return (time.perf_counter() - start) / n
+
+    return sample
+
+
+def torch_timer(call):
+    import torch
+
+    def sample(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for i in range(n):
+            call(i)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / n
+
+    return sample
+
+
+@dataclass
+class Impl:
+    name: str
+    sample: object  # n -> seconds per call
+    config: str = ""
+    n: int = 1
+    times: list = field(default_factory=list)
+
+
+def calibrate(impl: Impl) -> None:
+    impl.sample(2)  # compile, allocate
+    once = impl.sample(4)
+    impl.n = int(min(2000, max(4, SAMPLE_SECONDS / max(once, 1e-7))))
+    impl.sample(impl.n)  # warm at that batch size
+
+
+def time_all(impls: list[Impl], reps: int = REPS) -> None:
+    for impl in impls:
+        calibrate(impl)
+    for r in range(reps):
+        order = impls[r % len(impls):] + impls[:r % len(impls)]
+        for impl in order:
+            impl.times.append(impl.sample(impl.n))
+
+
+def median(impl: Impl) -> float:
+    return statistics.median(impl.times)
+
+
+def ratio(candidate: Impl, baseline: Impl) -> float:
+    """Baseline time over candidate time, median over samples (> 1: candidate faster)."""
+    return statistics.median(b / c for b, c in zip(baseline.times, candidate.times))
+
+
+# ---- inputs ------------------------------------------------------------------------
+
+
+def copies_for(bytes_per_set: int) -> int:
+    return max(1, min(8, math.ceil(4 * L2_BYTES / max(bytes_per_set, 1))))
+
+
+def randn(shape, dtype, seed):
+    return mx.random.normal(shape, dtype=mx.float32, key=mx.random.key(seed)).astype(MX[dtype])
+
+
+def to_torch(x: mx.array):
+    import torch
+
+    return torch.from_numpy(np.array(x.astype(mx.float32))).to("cuda").to(
+        {mx.bfloat16: torch.bfloat16, mx.float16: torch.float16}[x.dtype])
+
+
+def close(out: mx.array, ref: mx.array, tol: float) -> float:
+    """Normwise relative difference; raises when above tol (a wrong kernel is not timed)."""
+    o, r = np.array(out.astype(mx.float32)), np.array(ref.astype(mx.float32))
+    err = float(np.max(np.abs(o - r)) / max(np.max(np.abs(r)), 1e-30))
+    if not np.isfinite(err) or err > tol:
+        raise AssertionError(f"output differs from MLX's by {err:.3g} (tolerance {tol})")
+    return err
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read plus written per second (torch, 1 GiB)."""
+    import torch
+
+    x = torch.empty(1 << 29, dtype=torch.float16, device="cuda")
+    y = torch.empty_like(x)
+    t = torch_timer(lambda i: y.copy_(x))
+    t(3)
+    return 2 * x.numel() * 2 / statistics.median(t(10) for _ in range(5))
+
+
+# ---- sections ----------------------------------------------------------------------
+
+RECORDS: list[dict] = []
+
+
+def record(section: str, point: dict, impls: list[Impl], baseline: Impl, extra=None) -> dict:
+    row = {"section": section, **point, "impls": {}}
+    for impl in impls:
+        row["impls"][impl.name] = {"median_s": median(impl), "samples": impl.times, "n": impl.n,
+                                   "config": impl.config, "speedup_vs_mlx": ratio(impl, baseline)}
+    row.update(extra or {})
+    RECORDS.append(row)
+    return row
+
+
+def ke_impls(make, candidates, chosen_config, check, sweep):
+    """The heuristics' choice, and with --sweep every candidate configuration; each checked."""
+    configs = [("ke", chosen_config)]
+    if sweep:
+        configs += [(f"ke:{c}", c) for c in candidates if c != chosen_config]
+    impls = []
+    for name, config in configs:
+        try:
+            check(config)
+        except Exception as err:  # recorded as failed, never timed
+            RECORDS.append({"failed": config, "error": str(err)[:500]})
+            print(f"    FAILED {config}: {str(err)[:200]}", flush=True)
+            continue
+        impls.append(Impl(name, mlx_timer(make(config)), config))
+    return impls
+
+
+def decode_section(dtypes, sweep, bandwidth):
+    import torch
+    import torch.nn.functional as F
+
+    rows = []
+    for dtype in dtypes:
+        for Hq, Hkv in ((32, 8), (16, 8)):
+            for kv in (1024, 4096, 16384, 32768):
+                for B in (1, 4, 8):
+                    D = 128
+                    kv_bytes = 2 * B * Hkv * kv * D * 2
+                    sets = copies_for(kv_bytes)
+                    qs = [randn((B, Hq, 1, D), dtype, 10 * s) for s in range(sets)]
+                    ks = [randn((B, Hkv, kv, D), dtype, 10 * s + 1) for s in range(sets)]
+                    vs = [randn((B, Hkv, kv, D), dtype, 10 * s + 2) for s in range(sets)]
+                    mx.eval(qs, ks, vs)
+                    scale = 1 / math.sqrt(D)
+                    tq, tk, tv = ([to_torch(x) for x in xs] for xs in (qs, ks, vs))
+                    ref = mx.fast.scaled_dot_product_attention(qs[0], ks[0], vs[0], scale=scale)
+                    features = attention_features(batch=B, heads=Hq, kv_heads=Hkv, q_len=1, kv_len=kv,
+                                                  head_dim=D, dtype=dtype)
+                    chosen = gpu.select_attention_config(features).to_dsl()
+
+                    def make(config):
+                        return lambda i: gpu.attention(qs[i % sets], ks[i % sets], vs[i % sets],
+                                                       scale=scale, config=config)
+
+                    def check(config):
+                        close(gpu.attention(qs[0], ks[0], vs[0], scale=scale, config=config), ref, 2e-2)
+
+                    candidates = [f"decode_split blocks={b} warps={w} key_lanes=16 pack_gqa=yes scale_at=q"
+                                  for b in (16, 32, 64, 128, 256) for w in (2, 4, 8)]
+                    candidates += [f"decode warps={w} key_lanes=16 pack_gqa=yes scale_at=q" for w in (4, 8, 16)]
+                    mlx_impl = Impl("mlx", mlx_timer(lambda i: mx.fast.scaled_dot_product_attention(
+                        qs[i % sets], ks[i % sets], vs[i % sets], scale=scale)))
+                    torch_impl = Impl("torch", torch_timer(lambda i: F.scaled_dot_product_attention(
+                        tq[i % sets], tk[i % sets], tv[i % sets], scale=scale, enable_gqa=True)))
+                    impls = [mlx_impl, torch_impl] + ke_impls(make, candidates, chosen, check, sweep)
+                    time_all(impls)
+                    point = {"dtype": dtype, "heads": f"{Hq}/{Hkv}", "kv": kv, "batch": B}
+                    row = record("decode", point, impls, mlx_impl, {"kv_bytes": kv_bytes})
+                    rows.append(row)
+                    print_decode(row, bandwidth)
+                    del qs, ks, vs, tq, tk, tv
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def best_ke(row):
+    kes = {k: v for k, v in row["impls"].items() if k.startswith("ke")}
+    name = min(kes, key=lambda k: kes[k]["median_s"])
+    return name, kes[name]
+
+
+def print_decode(row, bandwidth):
+    ke_row = row["impls"].get("ke")
+    best_name, best = best_ke(row)
+    gbs = row["kv_bytes"] / best["median_s"] / 1e9
+    mlx_t, torch_t = row["impls"]["mlx"]["median_s"], row["impls"]["torch"]["median_s"]
+    print(f"  decode {row['dtype']:4s} {row['heads']:5s} kv={row['kv']:6d} B={row['batch']}: "
+          f"ke {ke_row['median_s'] * 1e6 if ke_row else float('nan'):8.1f} us  best {best['median_s'] * 1e6:8.1f} us "
+          f"mlx {mlx_t * 1e6:8.1f} us  torch {torch_t * 1e6:8.1f} us  "
+          f"x{row['impls'][best_name]['speedup_vs_mlx']:.2f} vs mlx  x{torch_t / best['median_s']:.2f} vs torch  "
+          f"{gbs:7.0f} GB/s ({gbs * 1e9 / bandwidth:.0%} of copy)  [{best['config']}]", flush=True)
+
+
+def prefill_section(dtypes, sweep):
+    import torch
+    import torch.nn.functional as F
+
+    rows = []
+    for dtype in dtypes:
+        for L in (1024, 2048, 4096, 8192):
+            for causal in (False, True):
+                B, Hq, Hkv, D = 1, 32, 8, 128
+                q, k, v = randn((B, Hq, L, D), dtype, 1), randn((B, Hkv, L, D), dtype, 2), randn((B, Hkv, L, D), dtype, 3)
+                mx.eval(q, k, v)
+                tq, tk, tv = to_torch(q), to_torch(k), to_torch(v)
+                scale = 1 / math.sqrt(D)
+                mask = "causal" if causal else None
+                ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+                features = attention_features(batch=B, heads=Hq, kv_heads=Hkv, q_len=L, kv_len=L,
+                                              head_dim=D, dtype=dtype, mask=mask or "none")
+                chosen = gpu.select_attention_config(features).to_dsl()
+
+                def make(config):
+                    return lambda i: gpu.attention(q, k, v, scale=scale, mask=mask, config=config)
+
+                def check(config):
+                    close(gpu.attention(q, k, v, scale=scale, mask=mask, config=config), ref, 2e-2)
+
+                candidates = [f"flash bq={bq} bk={bk} warps={bq // 16} stages={st} skip_masked_blocks=yes scale_at=q"
+                              for bq in (64, 128) for bk in (32, 64) for st in (2, 3)]
+                mlx_impl = Impl("mlx", mlx_timer(lambda i: mx.fast.scaled_dot_product_attention(
+                    q, k, v, scale=scale, mask=mask)))
+                torch_impl = Impl("torch", torch_timer(lambda i: F.scaled_dot_product_attention(
+                    tq, tk, tv, scale=scale, is_causal=causal, enable_gqa=True)))
+                impls = [mlx_impl, torch_impl] + ke_impls(make, candidates, chosen, check, sweep)
+                time_all(impls)
+                flops = 4 * B * Hq * L * L * D * (0.5 if causal else 1.0)
+                row = record("prefill", {"dtype": dtype, "L": L, "causal": causal}, impls, mlx_impl, {"flops": flops})
+                rows.append(row)
+                best_name, best = best_ke(row)
+                ke_row = row["impls"].get("ke", best)
+                print(f"  prefill {dtype:4s} L={L:5d} causal={causal!s:5s}: ke {ke_row['median_s'] * 1e3:7.3f} ms "
+                      f"best {best['median_s'] * 1e3:7.3f} ms  mlx {median(mlx_impl) * 1e3:7.3f} ms  "
+                      f"torch {median(torch_impl) * 1e3:7.3f} ms  x{row['impls'][best_name]['speedup_vs_mlx']:.2f} vs mlx "
+                      f"{flops / best['median_s'] / 1e12:6.1f} TFLOP/s [{best['config']}]", flush=True)
+    return rows
+
+
+def gemm_section(dtypes, sweep):
+    import torch
+
+    rows = []
+    for dtype in dtypes:
+        for n in (2048, 4096, 8192):
+            for tb in (False, True):
+                sets = copies_for(3 * n * n * 2)
+                As = [randn((n, n), dtype, 5 * s) for s in range(sets)]
+                Bs = [randn((n, n), dtype, 5 * s + 1) for s in range(sets)]
+                mx.eval(As, Bs)
+                tA, tB = [to_torch(x) for x in As], [to_torch(x) for x in Bs]
+                ref = mx.matmul(As[0], Bs[0].T if tb else Bs[0])
+                features = matmul_features(n, n, n, dtype=dtype, transpose_b=tb)
+                chosen = gpu.select_matmul_config(features).to_dsl()
+
+                def make(config):
+                    return lambda i: ke.matmul(As[i % sets], Bs[i % sets], transpose_b=tb, config=config)
+
+                def check(config):
+                    close(ke.matmul(As[0], Bs[0], transpose_b=tb, config=config), ref, 2e-2)
+
+                candidates = [
+                    "gemm bm=128 bn=128 bk=32 wm=2 wn=4 stages=3 swizzle=2 epilogue=fused",
+                    "gemm bm=128 bn=128 bk=32 wm=2 wn=4 stages=4 swizzle=2 epilogue=fused",
+                    "gemm bm=128 bn=256 bk=32 wm=2 wn=4 stages=3 swizzle=2 epilogue=fused",
+                    "gemm bm=256 bn=128 bk=32 wm=4 wn=2 stages=3 swizzle=2 epilogue=fused",
+                    "gemm bm=128 bn=128 bk=64 wm=2 wn=4 stages=3 swizzle=2 epilogue=fused",
+                    "gemm bm=128 bn=128 bk=32 wm=2 wn=2 stages=4 swizzle=2 epilogue=fused",
+                    "gemm bm=128 bn=256 bk=64 wm=2 wn=4 stages=2 swizzle=3 epilogue=fused",
+                ]
+                mlx_impl = Impl("mlx", mlx_timer(lambda i: mx.matmul(As[i % sets], Bs[i % sets].T if tb else Bs[i % sets])))
+                torch_impl = Impl("torch", torch_timer(lambda i: tA[i % sets] @ (tB[i % sets].T if tb else tB[i % sets])))
+                impls = [mlx_impl, torch_impl] + ke_impls(make, candidates, chosen, check, sweep)
+                time_all(impls)
+                row = record("gemm", {"dtype": dtype, "n": n, "transpose_b": tb}, impls, mlx_impl)
+                rows.append(row)
+                best_name, best = best_ke(row)
+                ke_row = row["impls"].get("ke", best)
+                tf = lambda t: 2 * n ** 3 / t / 1e12
+                print(f"  gemm {dtype:4s} {n}^3 tb={tb!s:5s}: ke {tf(ke_row['median_s']):6.1f} best {tf(best['median_s']):6.1f} "
+                      f"mlx {tf(median(mlx_impl)):6.1f} torch {tf(median(torch_impl)):6.1f} TFLOP/s  "
+                      f"x{row['impls'][best_name]['speedup_vs_mlx']:.2f} vs mlx [{best['config']}]", flush=True)
+                del As, Bs, tA, tB
+                torch.cuda.empty_cache()
+    return rows
+
+
+LAYERS = ((4096, 4096), (14336, 4096), (4096, 14336))
+
+
+def linear_candidates(M, N, K):
+    if M <= 16:
+        c = [f"gemv warps={w} rows={r} vec=8 epilogue=fused" for w in (4, 8) for r in (1, 2, 4)]
+    else:
+        c = []
+    c += ["gemm bm=64 bn=64 bk=64 wm=2 wn=2 stages=3 swizzle=1 epilogue=fused",
+          "gemm bm=64 bn=128 bk=32 wm=2 wn=2 stages=4 swizzle=1 epilogue=fused",
+          "gemm bm=128 bn=128 bk=32 wm=2 wn=4 stages=3 swizzle=2 epilogue=fused",
+          "gemm bm=32 bn=64 bk=64 wm=1 wn=2 stages=4 swizzle=0 epilogue=fused",
+          "gemm bm=16 bn=128 bk=64 wm=1 wn=4 stages=4 swizzle=0 epilogue=fused"]
+    if K >= 8192 or M <= 64:
+        c += [f"splitk bm={bm} bn=128 bk=64 wm=1 wn=4 stages=3 parts={p} epilogue=fused"
+              for bm in (16, 32) for p in (2, 4, 8)]
+    return c
+
+
+def linear_section(dtypes, sweep):
+    rows = []
+    for dtype in dtypes:
+        for N, K in LAYERS:
+            for M in (1, 4, 16, 32, 64, 128, 256):
+                sets = copies_for(N * K * 2)
+                xs = [randn((M, K), dtype, 7 * s) for s in range(sets)]
+                ws = [randn((N, K), dtype, 7 * s + 1) * (1 / math.sqrt(K)) for s in range(sets)]
+                bs = [randn((N,), dtype, 7 * s + 2) for s in range(sets)]
+                mx.eval(xs, ws, bs)
+                ref = nn.gelu(xs[0] @ ws[0].T + bs[0])
+                features = matmul_features(M, N, K, dtype=dtype, transpose_b=True, epilogue="mixed")
+                chosen = gpu.select_matmul_config(features).to_dsl()
+
+                def make(config):
+                    return lambda i: ke.linear(xs[i % sets], ws[i % sets], bs[i % sets], activation="gelu", config=config)
+
+                def check(config):
+                    close(ke.linear(xs[0], ws[0], bs[0], activation="gelu", config=config), ref, 2e-2)
+
+                unfused = Impl("mlx", mlx_timer(lambda i: nn.gelu(xs[i % sets] @ ws[i % sets].T + bs[i % sets])))
+                addmm = Impl("mlx_addmm", mlx_timer(lambda i: nn.gelu(mx.addmm(bs[i % sets], xs[i % sets], ws[i % sets].T))))
+                plain_mlx = Impl("mlx_plain", mlx_timer(lambda i: xs[i % sets] @ ws[i % sets].T))
+                plain_features = matmul_features(M, N, K, dtype=dtype, transpose_b=True)
+                plain_cfg = gpu.select_matmul_config(plain_features).to_dsl()
+                plain_ke = Impl("ke_plain", mlx_timer(lambda i: ke.matmul(xs[i % sets], ws[i % sets], transpose_b=True)), plain_cfg)
+                impls = [unfused, addmm, plain_mlx, plain_ke] + ke_impls(make, linear_candidates(M, N, K), chosen, check, sweep)
+                time_all(impls)
+                row = record("linear", {"dtype": dtype, "M": M, "N": N, "K": K}, impls, unfused)
+                rows.append(row)
+                best_name, best = best_ke(row)
+                ke_row = row["impls"].get("ke", best)
+                print(f"  linear {dtype:4s} M={M:4d} N={N:5d} K={K:5d}: ke {ke_row['median_s'] * 1e6:8.1f} us "
+                      f"best {best['median_s'] * 1e6:8.1f} us  mlx unfused {median(unfused) * 1e6:8.1f} us  "
+                      f"addmm {median(addmm) * 1e6:8.1f} us  x{row['impls'][best_name]['speedup_vs_mlx']:.2f} vs unfused  "
+                      f"x{ratio(Impl('', None, times=best['samples']), addmm):.2f} vs addmm  "
+                      f"plain ke {median(plain_ke) * 1e6:7.1f} us mlx {median(plain_mlx) * 1e6:7.1f} us [{best['config']}]",
+                      flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", default="decode,prefill,gemm,linear")
+    parser.add_argument("--dtypes", default="bf16,f16")
+    parser.add_argument("--sweep", action="store_true", help="also time candidate configurations")
+    parser.add_argument("--json", default=None, help="write every record here (JSON lines)")
+    args = parser.parse_args(argv)
+    if not mx.cuda.is_available():
+        sys.exit("bench_cuda needs MLX's CUDA back-end and an NVIDIA GPU")
+    import torch
+
+    mx.set_default_device(mx.gpu)
+    chip = chips.detect("cuda")
+    bandwidth = copy_bandwidth()
+    header = {"chip": chip.id, "name": chip.name, "sms": chip.cores, "mlx": mx.__version__,
+              "torch": torch.__version__, "copy_bandwidth_gbs": bandwidth / 1e9,
+              "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+              "command": " ".join(["python3", "benchmarks/bench_cuda.py"] + (argv or sys.argv[1:]))}
+    print(json.dumps(header), flush=True)
+    RECORDS.append({"header": header})
+    dtypes = args.dtypes.split(",")
+    sections = {"decode": lambda: decode_section(dtypes, args.sweep, bandwidth),
+                "prefill": lambda: prefill_section(dtypes, args.sweep),
+                "gemm": lambda: gemm_section(dtypes, args.sweep),
+                "linear": lambda: linear_section(dtypes, args.sweep)}
+    try:
+        for name in args.sections.split(","):
+            print(f"== {name}", flush=True)
+            sections[name]()
+    finally:
+        if args.json:
+            with open(args.json, "w") as fh:
+                for r in RECORDS:
+                    fh.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()
