@@ -41,10 +41,17 @@ import numpy as np
 import kernelevo as ke
 from kernelevo import chips
 from kernelevo.features import attention_features, matmul_features
-from kernelevo.lowering.cuda import Epilogue
 from kernelevo.ops import gpu
 
 L2_BYTES = 50 << 20
+# The measured points (issue 6's ranges); LLM layers as in Llama-3-8B: q/o, gate/up, down.
+GRID = {
+    "decode_heads": ((32, 8), (16, 8)), "decode_kv": (1024, 4096, 16384, 32768),
+    "decode_batch": (1, 4, 8), "head_dim": 128, "prefill_len": (1024, 2048, 4096, 8192),
+    "prefill_heads": (32, 8),
+    "gemm_n": (2048, 4096, 8192), "layers": ((4096, 4096), (14336, 4096), (4096, 14336)),
+    "layer_m": (1, 4, 16, 32, 64, 128, 256),
+}
 SAMPLE_SECONDS = 0.02
 REPS = 7
 MX = {"bf16": mx.bfloat16, "f16": mx.float16}
@@ -193,10 +200,10 @@ def decode_section(dtypes, sweep, bandwidth):
 
     rows = []
     for dtype in dtypes:
-        for Hq, Hkv in ((32, 8), (16, 8)):
-            for kv in (1024, 4096, 16384, 32768):
-                for B in (1, 4, 8):
-                    D = 128
+        for Hq, Hkv in GRID["decode_heads"]:
+            for kv in GRID["decode_kv"]:
+                for B in GRID["decode_batch"]:
+                    D = GRID["head_dim"]
                     kv_bytes = 2 * B * Hkv * kv * D * 2
                     sets = copies_for(kv_bytes)
                     qs = [randn((B, Hq, 1, D), dtype, 10 * s) for s in range(sets)]
@@ -230,7 +237,7 @@ def decode_section(dtypes, sweep, bandwidth):
                     row = record("decode", point, impls, mlx_impl, {"kv_bytes": kv_bytes})
                     rows.append(row)
                     print_decode(row, bandwidth)
-                    del qs, ks, vs, tq, tk, tv
+                    mx.clear_cache()
                     torch.cuda.empty_cache()
     return rows
 
@@ -254,14 +261,13 @@ def print_decode(row, bandwidth):
 
 
 def prefill_section(dtypes, sweep):
-    import torch
     import torch.nn.functional as F
 
     rows = []
     for dtype in dtypes:
-        for L in (1024, 2048, 4096, 8192):
+        for L in GRID["prefill_len"]:
             for causal in (False, True):
-                B, Hq, Hkv, D = 1, 32, 8, 128
+                (Hq, Hkv), B, D = GRID["prefill_heads"], 1, GRID["head_dim"]
                 q, k, v = randn((B, Hq, L, D), dtype, 1), randn((B, Hkv, L, D), dtype, 2), randn((B, Hkv, L, D), dtype, 3)
                 mx.eval(q, k, v)
                 tq, tk, tv = to_torch(q), to_torch(k), to_torch(v)
@@ -303,7 +309,7 @@ def gemm_section(dtypes, sweep):
 
     rows = []
     for dtype in dtypes:
-        for n in (2048, 4096, 8192):
+        for n in GRID["gemm_n"]:
             for tb in (False, True):
                 sets = copies_for(3 * n * n * 2)
                 As = [randn((n, n), dtype, 5 * s) for s in range(sets)]
@@ -341,12 +347,11 @@ def gemm_section(dtypes, sweep):
                 print(f"  gemm {dtype:4s} {n}^3 tb={tb!s:5s}: ke {tf(ke_row['median_s']):6.1f} best {tf(best['median_s']):6.1f} "
                       f"mlx {tf(median(mlx_impl)):6.1f} torch {tf(median(torch_impl)):6.1f} TFLOP/s  "
                       f"x{row['impls'][best_name]['speedup_vs_mlx']:.2f} vs mlx [{best['config']}]", flush=True)
-                del As, Bs, tA, tB
+                mx.clear_cache()
                 torch.cuda.empty_cache()
     return rows
 
 
-LAYERS = ((4096, 4096), (14336, 4096), (4096, 14336))
 
 
 def linear_candidates(M, N, K):
@@ -368,8 +373,8 @@ def linear_candidates(M, N, K):
 def linear_section(dtypes, sweep):
     rows = []
     for dtype in dtypes:
-        for N, K in LAYERS:
-            for M in (1, 4, 16, 32, 64, 128, 256):
+        for N, K in GRID["layers"]:
+            for M in GRID["layer_m"]:
                 sets = copies_for(N * K * 2)
                 xs = [randn((M, K), dtype, 7 * s) for s in range(sets)]
                 ws = [randn((N, K), dtype, 7 * s + 1) * (1 / math.sqrt(K)) for s in range(sets)]
