@@ -225,8 +225,8 @@ def decode_section(dtypes, sweep, bandwidth):
                         close(gpu.attention(qs[0], ks[0], vs[0], scale=scale, config=config), ref, 2e-2)
 
                     candidates = [f"decode_split blocks={b} warps={w} key_lanes=16 pack_gqa=yes scale_at=q"
-                                  for b in (16, 32, 64, 128, 256) for w in (2, 4, 8)]
-                    candidates += [f"decode warps={w} key_lanes=16 pack_gqa=yes scale_at=q" for w in (4, 8, 16)]
+                                  for b in (16, 32, 64, 128) for w in (4, 8)]
+                    candidates += [f"decode warps={w} key_lanes=16 pack_gqa=yes scale_at=q" for w in (8, 16)]
                     mlx_impl = Impl("mlx", mlx_timer(lambda i: mx.fast.scaled_dot_product_attention(
                         qs[i % sets], ks[i % sets], vs[i % sets], scale=scale)))
                     torch_impl = Impl("torch", torch_timer(lambda i: F.scaled_dot_product_attention(
@@ -432,6 +432,9 @@ def main(argv=None) -> None:
     print(json.dumps(header), flush=True)
     RECORDS.append({"header": header})
     dtypes = args.dtypes.split(",")
+    if args.sweep:  # many candidates: fewer samples each
+        global REPS
+        REPS = 5
     sections = {"decode": lambda: decode_section(dtypes, args.sweep, bandwidth),
                 "prefill": lambda: prefill_section(dtypes, args.sweep),
                 "gemm": lambda: gemm_section(dtypes, args.sweep),
