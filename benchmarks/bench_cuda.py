@@ -106,10 +106,10 @@ def calibrate(impl: Impl) -> None:
     impl.sample(impl.n)  # warm at that batch size
 
 
-def time_all(impls: list[Impl], reps: int = REPS) -> None:
+def time_all(impls: list[Impl], reps: int | None = None) -> None:
     for impl in impls:
         calibrate(impl)
-    for r in range(reps):
+    for r in range(reps or REPS):
         order = impls[r % len(impls):] + impls[:r % len(impls)]
         for impl in order:
             impl.times.append(impl.sample(impl.n))
