@@ -224,9 +224,12 @@ def decode_section(dtypes, sweep, bandwidth):
                     def check(config):
                         close(gpu.attention(qs[0], ks[0], vs[0], scale=scale, config=config), ref, 2e-2)
 
-                    candidates = [f"decode_split blocks={b} warps={w} key_lanes=16 pack_gqa=yes scale_at=q"
-                                  for b in (16, 32, 64, 128) for w in (4, 8)]
-                    candidates += [f"decode warps={w} key_lanes=16 pack_gqa=yes scale_at=q" for w in (8, 16)]
+                    candidates = [f"decode_split blocks={b} warps=4 key_lanes=16 pack_gqa=yes scale_at=q"
+                                  for b in (16, 32)]
+                    candidates += ["decode warps=8 key_lanes=16 pack_gqa=yes scale_at=q"]
+                    candidates += [f"flash bq=16 bk={bk} warps=1 stages={st} skip_masked_blocks=yes scale_at=q "
+                                   f"pack_gqa=yes kv_splits={sp}"
+                                   for bk, st in ((64, 2), (64, 3), (128, 2)) for sp in (8, 16, 32, 64, 128)]
                     mlx_impl = Impl("mlx", mlx_timer(lambda i: mx.fast.scaled_dot_product_attention(
                         qs[i % sets], ks[i % sets], vs[i % sets], scale=scale)))
                     torch_impl = Impl("torch", torch_timer(lambda i: F.scaled_dot_product_attention(
@@ -243,7 +246,7 @@ def decode_section(dtypes, sweep, bandwidth):
 
 
 def best_ke(row):
-    kes = {k: v for k, v in row["impls"].items() if k.startswith("ke")}
+    kes = {k: v for k, v in row["impls"].items() if k == "ke" or k.startswith("ke:")}
     name = min(kes, key=lambda k: kes[k]["median_s"])
     return name, kes[name]
 
@@ -266,38 +269,52 @@ def prefill_section(dtypes, sweep):
     rows = []
     for dtype in dtypes:
         for L in GRID["prefill_len"]:
-            for causal in (False, True):
+            # a sliding window (Mistral-style) too, where MLX has no fused kernel
+            for causal, window in ((False, 0), (True, 0)) + (((True, L // 4),) if L >= 4096 else ()):
                 (Hq, Hkv), B, D = GRID["prefill_heads"], 1, GRID["head_dim"]
                 q, k, v = randn((B, Hq, L, D), dtype, 1), randn((B, Hkv, L, D), dtype, 2), randn((B, Hkv, L, D), dtype, 3)
                 mx.eval(q, k, v)
                 tq, tk, tv = to_torch(q), to_torch(k), to_torch(v)
                 scale = 1 / math.sqrt(D)
                 mask = "causal" if causal else None
-                ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+                win = window or None
+                ref = gpu.mlx_attention(q, k, v, scale=scale, mask=mask, softcap=None, window=win)
                 features = attention_features(batch=B, heads=Hq, kv_heads=Hkv, q_len=L, kv_len=L,
-                                              head_dim=D, dtype=dtype, mask=mask or "none")
+                                              head_dim=D, dtype=dtype, mask=mask or "none", window=window)
                 chosen = gpu.select_attention_config(features).to_dsl()
 
                 def make(config):
-                    return lambda i: gpu.attention(q, k, v, scale=scale, mask=mask, config=config)
+                    return lambda i: gpu.attention(q, k, v, scale=scale, mask=mask, window=win, config=config)
 
                 def check(config):
-                    close(gpu.attention(q, k, v, scale=scale, mask=mask, config=config), ref, 2e-2)
+                    close(gpu.attention(q, k, v, scale=scale, mask=mask, window=win, config=config), ref, 2e-2)
 
-                candidates = [f"flash bq={bq} bk={bk} warps={bq // 16} stages={st} skip_masked_blocks=yes scale_at=q"
-                              for bq in (64, 128) for bk in (32, 64) for st in (2, 3)]
-                mlx_impl = Impl("mlx", mlx_timer(lambda i: mx.fast.scaled_dot_product_attention(
-                    q, k, v, scale=scale, mask=mask)))
-                torch_impl = Impl("torch", torch_timer(lambda i: F.scaled_dot_product_attention(
-                    tq, tk, tv, scale=scale, is_causal=causal, enable_gqa=True)))
+                candidates = [f"flash bq={bq} bk={bk} warps={bq // 16} stages={st} skip_masked_blocks=yes "
+                              f"scale_at=q pack_gqa={pack} kv_splits=1"
+                              for bq in (64, 128) for bk in (32, 64) for st in (2, 3) for pack in ("no", "yes")]
+                mlx_impl = Impl("mlx", mlx_timer(lambda i: gpu.mlx_attention(
+                    q, k, v, scale=scale, mask=mask, softcap=None, window=win)))
+                if window:  # torch has no window option: the same mask as a boolean array
+                    import torch
+
+                    pos = torch.arange(L, device="cuda")
+                    band = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+                    torch_call = lambda i: F.scaled_dot_product_attention(tq, tk, tv, attn_mask=band, scale=scale,
+                                                                          enable_gqa=True)
+                else:
+                    torch_call = lambda i: F.scaled_dot_product_attention(tq, tk, tv, scale=scale,
+                                                                          is_causal=causal, enable_gqa=True)
+                torch_impl = Impl("torch", torch_timer(torch_call))
                 impls = [mlx_impl, torch_impl] + ke_impls(make, candidates, chosen, check, sweep)
                 time_all(impls)
-                flops = 4 * B * Hq * L * L * D * (0.5 if causal else 1.0)
-                row = record("prefill", {"dtype": dtype, "L": L, "causal": causal}, impls, mlx_impl, {"flops": flops})
+                keys = window if window else (L / 2 if causal else L)  # keys a query sees, on average
+                flops = 4 * B * Hq * L * keys * D
+                row = record("prefill", {"dtype": dtype, "L": L, "causal": causal, "window": window},
+                             impls, mlx_impl, {"flops": flops})
                 rows.append(row)
                 best_name, best = best_ke(row)
                 ke_row = row["impls"].get("ke", best)
-                print(f"  prefill {dtype:4s} L={L:5d} causal={causal!s:5s}: ke {ke_row['median_s'] * 1e3:7.3f} ms "
+                print(f"  prefill {dtype:4s} L={L:5d} causal={causal!s:5s} window={window:4d}: ke {ke_row['median_s'] * 1e3:7.3f} ms "
                       f"best {best['median_s'] * 1e3:7.3f} ms  mlx {median(mlx_impl) * 1e3:7.3f} ms  "
                       f"torch {median(torch_impl) * 1e3:7.3f} ms  x{row['impls'][best_name]['speedup_vs_mlx']:.2f} vs mlx "
                       f"{flops / best['median_s'] / 1e12:6.1f} TFLOP/s [{best['config']}]", flush=True)

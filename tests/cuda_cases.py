@@ -96,7 +96,7 @@ MATMUL_CASES = [
 
 DECODE = "decode warps={} key_lanes={} pack_gqa={} scale_at={}"
 SPLIT = "decode_split blocks={} warps={} key_lanes={} pack_gqa={} scale_at={}"
-FLASH = "flash bq={} bk={} warps={} stages={} skip_masked_blocks={} scale_at={}"
+FLASH = "flash bq={} bk={} warps={} stages={} skip_masked_blocks={} scale_at={} pack_gqa={} kv_splits={}"
 
 ATTENTION_CASES = [
     AttentionCase(DECODE.format(2, 8, "yes", "q"), 1, 4, 2, 1, 37, 64, "f16"),
@@ -113,14 +113,23 @@ ATTENTION_CASES = [
                   mask_shape=(1, 6, 1, 517)),
     # the last slice has fewer keys than the block has lanes: warps and groups without a key
     AttentionCase(SPLIT.format(64, 4, 4, "yes", "q"), 1, 6, 3, 1, 500, 64, "f32"),
-    AttentionCase(FLASH.format(32, 16, 2, 2, "yes", "q"), 1, 2, 1, 50, 50, 64, "bf16"),
-    AttentionCase(FLASH.format(32, 32, 1, 1, "yes", "scores"), 1, 2, 2, 70, 90, 64, "f16", mask="causal"),
-    AttentionCase(FLASH.format(64, 16, 4, 3, "no", "q"), 2, 2, 1, 70, 70, 128, "bf16", mask="causal", window=20),
-    AttentionCase(FLASH.format(64, 64, 4, 2, "yes", "q"), 1, 4, 1, 100, 130, 128, "bf16", mask="causal", window=37),
-    AttentionCase(FLASH.format(16, 32, 1, 2, "yes", "scores"), 1, 2, 1, 33, 47, 64, "bf16", mask="bool",
+    AttentionCase(FLASH.format(32, 16, 2, 2, "yes", "q", "no", 1), 1, 2, 1, 50, 50, 64, "bf16"),
+    AttentionCase(FLASH.format(32, 32, 1, 1, "yes", "scores", "no", 1), 1, 2, 2, 70, 90, 64, "f16", mask="causal"),
+    AttentionCase(FLASH.format(64, 16, 4, 3, "no", "q", "no", 1), 2, 2, 1, 70, 70, 128, "bf16", mask="causal", window=20),
+    AttentionCase(FLASH.format(64, 64, 4, 2, "yes", "q", "no", 1), 1, 4, 1, 100, 130, 128, "bf16", mask="causal", window=37),
+    AttentionCase(FLASH.format(16, 32, 1, 2, "yes", "scores", "no", 1), 1, 2, 1, 33, 47, 64, "bf16", mask="bool",
                   softcap=30.0),
-    AttentionCase(FLASH.format(32, 32, 2, 2, "yes", "q"), 1, 2, 1, 40, 40, 80, "f16", mask="additive",
+    AttentionCase(FLASH.format(32, 32, 2, 2, "yes", "q", "no", 1), 1, 2, 1, 40, 40, 80, "f16", mask="additive",
                   mask_shape=(1, 2, 40, 40)),
+    # decode on tensor cores: GQA rows packed into one 16-row tile, keys split across blocks
+    AttentionCase(FLASH.format(16, 64, 1, 2, "yes", "q", "yes", 4), 2, 8, 2, 1, 300, 128, "bf16"),
+    AttentionCase(FLASH.format(16, 32, 1, 3, "yes", "scores", "yes", 8), 1, 16, 2, 1, 200, 64, "f16",
+                  mask="bool", mask_shape=(1, 16, 1, 200)),
+    AttentionCase(FLASH.format(16, 16, 1, 2, "yes", "q", "yes", 1), 1, 6, 2, 3, 77, 128, "bf16", mask="causal"),
+    AttentionCase(FLASH.format(32, 32, 2, 2, "yes", "q", "yes", 3), 1, 8, 2, 9, 130, 64, "f16", mask="causal",
+                  window=50, softcap=10.0),
+    AttentionCase(FLASH.format(64, 64, 4, 2, "yes", "scores", "no", 2), 1, 4, 2, 50, 180, 64, "bf16",
+                  mask="additive", mask_shape=(1, 4, 50, 180)),
 ]
 
 

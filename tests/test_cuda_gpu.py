@@ -77,7 +77,8 @@ def _sampled_matmul_cases():
 def _sampled_attention_cases():
     chip = chips.from_id("nvidia-h100")
     shapes = {
-        "flash": [(1, 8, 2, 300, 300, 128, "bf16", "causal"), (2, 4, 4, 129, 257, 64, "f16", "none")],
+        "flash": [(1, 8, 2, 300, 300, 128, "bf16", "causal"), (2, 4, 4, 129, 257, 64, "f16", "none"),
+                  (2, 32, 8, 1, 5000, 128, "bf16", "none")],
         "decode": [(4, 32, 8, 1, 1000, 128, "bf16", "none"), (1, 16, 8, 4, 777, 128, "f16", "causal")],
         "decode_split": [(1, 32, 8, 1, 9000, 128, "bf16", "none"), (2, 12, 4, 1, 5000, 64, "f32", "none")],
     }

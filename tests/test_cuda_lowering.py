@@ -153,14 +153,20 @@ def test_decode_split_slices_and_merge():
 
 def test_flash_lowering():
     call = ATTENTION_CALLS["flash"]
-    config = KernelConfig.parse("flash bq=64 bk=64 warps=4 stages=2 skip_masked_blocks=yes scale_at=q",
-                                "attention", "cuda")
+    config = KernelConfig.parse("flash bq=64 bk=64 warps=4 stages=2 skip_masked_blocks=yes scale_at=q "
+                                "pack_gqa=no kv_splits=1", "attention", "cuda")
     (kernel,) = lower_attention(config, call, scale=0.1).kernels
     assert kernel.grid == (cdiv(1000, 64) * 128, 2 * 8, 1)
     assert kernel.shared_memory == flash_smem(config.as_dict(), call) == (64 + 2 * 2 * 64) * 136 * 2
     args = dict(kernel.template_args)
     assert args["CAUSAL"] and args["SKIP"] and args["SCALE_Q"] and args["D"] == 128
     assert kernel.sizes[7] == 300  # the window
+    # packed and split: rows are the 4 query heads of a KV head, keys in 64-key slices
+    config = KernelConfig.parse("flash bq=16 bk=64 warps=1 stages=2 skip_masked_blocks=yes scale_at=q "
+                                "pack_gqa=yes kv_splits=16", "attention", "cuda")
+    first, merge = lower_attention(config, call, scale=0.1).kernels
+    assert first.grid == (cdiv(1000 * 4, 16) * 32, 2 * 2, 16) and first.sizes[-2:] == (16, 64)
+    assert first.output_names == ("o_part", "ml_part") and merge.output_shapes == ((2, 8, 1000, 128),)
 
 
 def test_constraints_keep_kernels_to_what_they_do():

@@ -64,9 +64,11 @@ _decode_constraints = (
 
 CUDA_FLASH = Family(
     op="attention", backend="cuda", name="flash",
-    doc="Prefill flash attention on tensor cores: a bq-row query tile per block (16 rows per "
-        "MMA tile, split across the warps), keys bk at a time through a `stages`-deep cp.async "
-        "pipeline, online softmax in f32 on the score fragments.",
+    doc="Flash attention on tensor cores: a bq-row query tile per block (16 rows per MMA "
+        "tile, split across the warps), keys bk at a time through a `stages`-deep cp.async "
+        "pipeline, online softmax in f32 on the score fragments. With pack_gqa the rows are "
+        "all query heads of a KV head and with kv_splits the keys are sliced across blocks: "
+        "bq=16 makes it decode on tensor cores.",
     params=(
         Param("bq", "int", "query rows per block", allowed=(16, 32, 64, 128)),
         Param("bk", "int", "keys per step", allowed=(16, 32, 64, 128)),
@@ -75,6 +77,10 @@ CUDA_FLASH = Family(
         Param("skip_masked_blocks", "bool", "skip key blocks the causal or window mask hides "
               "from the whole query tile (no: visit and mask them)"),
         SCALE_AT,
+        Param("pack_gqa", "bool", "a block's rows are the query heads of one KV head, "
+              "interleaved, so K and V are read once for all of them"),
+        Param("kv_splits", "int", "slices of the keys, each a block whose partial softmax a "
+              "second kernel merges (1: one pass)", lo=1, hi=MAX_SLICES, search=(1, 4, 16, 64)),
     ),
     constraints=(
         Constraint("bq % (16 * warps) == 0", lambda p, chip, call: p["bq"] % (16 * p["warps"]) == 0),

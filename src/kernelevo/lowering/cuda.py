@@ -23,10 +23,11 @@ MAX_GRID_YZ = 65535
 MERGE_THREADS = 128
 
 _COMMON = ("ke_common.cuh", "ke_ptx.cuh")
-GEMM_HEADER = _COMMON + ("gemm.cuh",)
+GEMM_HEADER = _COMMON + ("tile.cuh", "gemm.cuh")
 GEMV_HEADER = _COMMON + ("gemv.cuh",)
-DECODE_HEADER = _COMMON + ("gemm.cuh", "attention_common.cuh", "attention_decode.cuh")
-FLASH_HEADER = _COMMON + ("gemm.cuh", "attention_common.cuh", "attention_flash.cuh")
+DECODE_HEADER = _COMMON + ("attention_common.cuh", "attention_decode.cuh")
+MERGE_HEADER = _COMMON + ("attention_common.cuh", "attention_merge.cuh")
+FLASH_HEADER = _COMMON + ("tile.cuh", "attention_common.cuh", "attention_flash.cuh")
 
 
 def f32_bits(x: float) -> int:
@@ -233,18 +234,30 @@ def _lower_attention(config: KernelConfig, features: tuple, scale: float, mask_d
                 *mask_strides, slices, chunk)
 
     if config.family == "flash":
-        bq, bk, warps, stages = p["bq"], p["bk"], p["warps"], p["stages"]
-        body = ("ke::attention_flash<T, MaskT, D, BQ, BK, WARPS, STAGES, SKIP, SCALE_Q, MASK, "
-                f"CAUSAL, SOFTCAP>(q, k, v, {mask_arg}, sizes, out);")
+        bq, bk, warps, stages, pack = p["bq"], p["bk"], p["warps"], p["stages"], bool(p["pack_gqa"])
+        rows = Lq * (Hq // Hkv if pack else 1)
+        chunk = cdiv(cdiv(Lk, p["kv_splits"]), bk) * bk
+        slices = cdiv(Lk, chunk)
+        split = slices > 1
+        outs = ("o_part, ml_part);" if split else
+                "static_cast<float*>(nullptr), static_cast<float*>(nullptr));")
+        body = ("ke::attention_flash<T, MaskT, D, BQ, BK, WARPS, STAGES, SKIP, SCALE_Q, MASK, CAUSAL, "
+                f"SOFTCAP, PACK, SPLIT>(q, k, v, {mask_arg}, sizes, "
+                + ("static_cast<T*>(nullptr), " if split else "out, ") + outs)
         kernel = LoweredKernel(
-            name=_name(config, tag), backend=BACKEND, source=body,
-            header=template(BACKEND, *FLASH_HEADER), input_names=inputs, output_names=("out",),
+            name=_name(config, tag, f"split{int(split)}"), backend=BACKEND, source=body,
+            header=template(BACKEND, *FLASH_HEADER), input_names=inputs,
+            output_names=("o_part", "ml_part") if split else ("out",),
             template_args=common_args + (("BQ", bq), ("BK", bk), ("WARPS", warps),
-                                         ("STAGES", stages), ("SKIP", p["skip_masked_blocks"])) + flags,
-            grid=_check_grid((cdiv(Lq, bq) * 32 * warps, B * Hq, 1), config.to_dsl()),
+                                         ("STAGES", stages), ("SKIP", p["skip_masked_blocks"])) + flags
+            + (("PACK", pack), ("SPLIT", split)),
+            grid=_check_grid((cdiv(rows, bq) * 32 * warps, B * (Hkv if pack else Hq), slices), config.to_dsl()),
             threadgroup=(32 * warps, 1, 1), shared_memory=flash_smem(p, f),
-            output_shapes=(out_shape,), output_dtypes=(MX_DTYPE[dtype],), sizes=sizes())
-        return Plan((kernel,))
+            output_shapes=((B * Hq * Lq, slices, D), (B * Hq * Lq, slices, 2)) if split else (out_shape,),
+            output_dtypes=("float32", "float32") if split else (MX_DTYPE[dtype],),
+            sizes=sizes(slices, chunk))
+        return Plan((kernel, _merge(dtype, D, B * Hq * Lq, out_shape, sizes(slices, chunk), config)) if split
+                    else (kernel,))
 
     if config.family not in ("decode", "decode_split"):
         raise ValueError(f"no CUDA kernel for the attention family {config.family!r}")
@@ -275,15 +288,19 @@ def _lower_attention(config: KernelConfig, features: tuple, scale: float, mask_d
         sizes=sizes(slices, chunk))
     if not split:
         return Plan((first,))
-    merge = LoweredKernel(
+    return Plan((first, _merge(dtype, D, B * Hq * Lq, out_shape, sizes(slices, chunk), config)))
+
+
+def _merge(dtype: str, D: int, rows: int, out_shape, sizes, config) -> LoweredKernel:
+    """The second pass of split-KV attention: one block per output row merges the slices."""
+    return LoweredKernel(
         name=f"attention_merge_{dtype}_d{D}", backend=BACKEND,
         source="ke::attention_merge<T, D>(o_part, ml_part, sizes, out);",
-        header=template(BACKEND, *DECODE_HEADER), input_names=("o_part", "ml_part", "sizes"),
+        header=template(BACKEND, *MERGE_HEADER), input_names=("o_part", "ml_part", "sizes"),
         output_names=("out",), template_args=(("T", MX_DTYPE[dtype]), ("D", D)),
-        grid=_check_grid((B * Hq * Lq * MERGE_THREADS, 1, 1), config.to_dsl()),
+        grid=_check_grid((rows * MERGE_THREADS, 1, 1), config.to_dsl()),
         threadgroup=(MERGE_THREADS, 1, 1), shared_memory=(MAX_SLICES + 32) * 4,
-        output_shapes=(out_shape,), output_dtypes=(MX_DTYPE[dtype],), sizes=sizes(slices, chunk))
-    return Plan((first, merge))
+        output_shapes=(out_shape,), output_dtypes=(MX_DTYPE[dtype],), sizes=sizes)
 
 
 # ---- the source MLX compiles ---------------------------------------------------------
