@@ -13,11 +13,16 @@ Sections (the targets of issue 6):
            same unfused (x @ w.T + b, then nn.gelu) and MLX's best (addmm, then nn.gelu)
 
 Timing: for MLX, N calls are built as one lazy graph, then only its evaluation is timed
-(graph construction in Python excluded; launches overlap as in a model); for PyTorch, CUDA
-events around N calls. N is chosen so one sample takes >= 20 ms of GPU time; inputs rotate
-among copies totalling >= 4x the L2 cache, so no figure is a cache's. Implementations are
-interleaved sample by sample (A B C, B C A, ...), medians of 7 samples; ratios are medians
-of per-sample ratios. Every kernelevo output is checked against MLX's before it is timed.
+(graph construction in Python excluded); for PyTorch, CUDA events around N calls. In
+decode, prefill and gemm each call's input is the previous call's output, so calls run one
+after another as layers do (MLX runs independent graph nodes concurrently, which would
+measure throughput, not the call); a per-call figure is then the larger of the GPU time and
+the framework's dispatch cost (MLX's is ~10-15 us per op here). linear times independent
+calls (their outputs cannot feed the next). N is chosen so one sample takes >= 20 ms;
+K/V and weights rotate among copies totalling >= 4x the L2 cache, so no figure is a
+cache's. Implementations are interleaved sample by sample (A B C, B C A, ...), medians of
+7 samples (5 with --sweep); ratios are medians of per-sample ratios. Every kernelevo output
+is checked against MLX's before it is timed.
 
 --sweep also times candidate configurations of each kernelevo family (the data the shipped
 nvidia.kevo rules were chosen from) and reports the best next to the heuristics' choice.
@@ -88,6 +93,19 @@ def torch_timer(call):
         return start.elapsed_time(end) / 1e3 / n
 
     return sample
+
+
+def chained(step, first):
+    """A call of the rotation index whose input is the previous call's output (as layers
+    follow each other): calls in one evaluation then run one after another, as in a model,
+    instead of overlapping on the GPU as independent graph nodes would."""
+    state = {"x": first}
+
+    def call(i):
+        state["x"] = step(state["x"], i)
+        return state["x"]
+
+    return call
 
 
 @dataclass
@@ -218,22 +236,22 @@ def decode_section(dtypes, sweep, bandwidth):
                     chosen = gpu.select_attention_config(features).to_dsl()
 
                     def make(config):
-                        return lambda i: gpu.attention(qs[i % sets], ks[i % sets], vs[i % sets],
-                                                       scale=scale, config=config)
+                        return chained(lambda x, i: gpu.attention(x, ks[i % sets], vs[i % sets], scale=scale,
+                                                                  config=config), qs[0])
 
                     def check(config):
                         close(gpu.attention(qs[0], ks[0], vs[0], scale=scale, config=config), ref, 2e-2)
 
                     candidates = [f"decode_split blocks={b} warps=4 key_lanes=16 pack_gqa=yes scale_at=q"
-                                  for b in (16, 32)]
-                    candidates += ["decode warps=8 key_lanes=16 pack_gqa=yes scale_at=q"]
-                    candidates += [f"flash bq=16 bk={bk} warps=1 stages={st} skip_masked_blocks=yes scale_at=q "
-                                   f"pack_gqa=yes kv_splits={sp}"
-                                   for bk, st in ((64, 2), (64, 3), (128, 2)) for sp in (8, 16, 32, 64, 128)]
-                    mlx_impl = Impl("mlx", mlx_timer(lambda i: mx.fast.scaled_dot_product_attention(
-                        qs[i % sets], ks[i % sets], vs[i % sets], scale=scale)))
-                    torch_impl = Impl("torch", torch_timer(lambda i: F.scaled_dot_product_attention(
-                        tq[i % sets], tk[i % sets], tv[i % sets], scale=scale, enable_gqa=True)))
+                                  for b in (8, 16, 32, 64)]
+                    candidates += ["decode warps=8 key_lanes=16 pack_gqa=yes scale_at=q",
+                                   "decode warps=16 key_lanes=16 pack_gqa=yes scale_at=q"]
+                    candidates += [f"flash bq=16 bk=64 warps=1 stages=2 skip_masked_blocks=yes scale_at=q "
+                                   f"pack_gqa=yes kv_splits={sp}" for sp in (8, 16, 32, 64)]
+                    mlx_impl = Impl("mlx", mlx_timer(chained(lambda x, i: mx.fast.scaled_dot_product_attention(
+                        x, ks[i % sets], vs[i % sets], scale=scale), qs[0])))
+                    torch_impl = Impl("torch", torch_timer(chained(lambda x, i: F.scaled_dot_product_attention(
+                        x, tk[i % sets], tv[i % sets], scale=scale, enable_gqa=True), tq[0])))
                     impls = [mlx_impl, torch_impl] + ke_impls(make, candidates, chosen, check, sweep)
                     time_all(impls)
                     point = {"dtype": dtype, "heads": f"{Hq}/{Hkv}", "kv": kv, "batch": B}
@@ -284,7 +302,8 @@ def prefill_section(dtypes, sweep):
                 chosen = gpu.select_attention_config(features).to_dsl()
 
                 def make(config):
-                    return lambda i: gpu.attention(q, k, v, scale=scale, mask=mask, window=win, config=config)
+                    return chained(lambda x, i: gpu.attention(x, k, v, scale=scale, mask=mask, window=win,
+                                                              config=config), q)
 
                 def check(config):
                     close(gpu.attention(q, k, v, scale=scale, mask=mask, window=win, config=config), ref, 2e-2)
@@ -292,18 +311,18 @@ def prefill_section(dtypes, sweep):
                 candidates = [f"flash bq={bq} bk={bk} warps={bq // 16} stages={st} skip_masked_blocks=yes "
                               f"scale_at=q pack_gqa={pack} kv_splits=1"
                               for bq in (64, 128) for bk in (32, 64) for st in (2, 3) for pack in ("no", "yes")]
-                mlx_impl = Impl("mlx", mlx_timer(lambda i: gpu.mlx_attention(
-                    q, k, v, scale=scale, mask=mask, softcap=None, window=win)))
+                mlx_impl = Impl("mlx", mlx_timer(chained(lambda x, i: gpu.mlx_attention(
+                    x, k, v, scale=scale, mask=mask, softcap=None, window=win), q)))
                 if window:  # torch has no window option: the same mask as a boolean array
                     import torch
 
                     pos = torch.arange(L, device="cuda")
                     band = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
-                    torch_call = lambda i: F.scaled_dot_product_attention(tq, tk, tv, attn_mask=band, scale=scale,
-                                                                          enable_gqa=True)
+                    torch_call = chained(lambda x, i: F.scaled_dot_product_attention(
+                        x, tk, tv, attn_mask=band, scale=scale, enable_gqa=True), tq)
                 else:
-                    torch_call = lambda i: F.scaled_dot_product_attention(tq, tk, tv, scale=scale,
-                                                                          is_causal=causal, enable_gqa=True)
+                    torch_call = chained(lambda x, i: F.scaled_dot_product_attention(
+                        x, tk, tv, scale=scale, is_causal=causal, enable_gqa=True), tq)
                 torch_impl = Impl("torch", torch_timer(torch_call))
                 impls = [mlx_impl, torch_impl] + ke_impls(make, candidates, chosen, check, sweep)
                 time_all(impls)
@@ -330,7 +349,7 @@ def gemm_section(dtypes, sweep):
             for tb in (False, True):
                 sets = copies_for(3 * n * n * 2)
                 As = [randn((n, n), dtype, 5 * s) for s in range(sets)]
-                Bs = [randn((n, n), dtype, 5 * s + 1) for s in range(sets)]
+                Bs = [randn((n, n), dtype, 5 * s + 1) * (1 / math.sqrt(n)) for s in range(sets)]
                 mx.eval(As, Bs)
                 tA, tB = [to_torch(x) for x in As], [to_torch(x) for x in Bs]
                 ref = mx.matmul(As[0], Bs[0].T if tb else Bs[0])
@@ -338,7 +357,7 @@ def gemm_section(dtypes, sweep):
                 chosen = gpu.select_matmul_config(features).to_dsl()
 
                 def make(config):
-                    return lambda i: ke.matmul(As[i % sets], Bs[i % sets], transpose_b=tb, config=config)
+                    return chained(lambda x, i: ke.matmul(x, Bs[i % sets], transpose_b=tb, config=config), As[0])
 
                 def check(config):
                     close(ke.matmul(As[0], Bs[0], transpose_b=tb, config=config), ref, 2e-2)
@@ -352,8 +371,10 @@ def gemm_section(dtypes, sweep):
                     "gemm bm=128 bn=128 bk=32 wm=2 wn=2 stages=4 swizzle=2 epilogue=fused",
                     "gemm bm=128 bn=256 bk=64 wm=2 wn=4 stages=2 swizzle=3 epilogue=fused",
                 ]
-                mlx_impl = Impl("mlx", mlx_timer(lambda i: mx.matmul(As[i % sets], Bs[i % sets].T if tb else Bs[i % sets])))
-                torch_impl = Impl("torch", torch_timer(lambda i: tA[i % sets] @ (tB[i % sets].T if tb else tB[i % sets])))
+                mlx_impl = Impl("mlx", mlx_timer(chained(
+                    lambda x, i: mx.matmul(x, Bs[i % sets].T if tb else Bs[i % sets]), As[0])))
+                torch_impl = Impl("torch", torch_timer(chained(
+                    lambda x, i: x @ (tB[i % sets].T if tb else tB[i % sets]), tA[0])))
                 impls = [mlx_impl, torch_impl] + ke_impls(make, candidates, chosen, check, sweep)
                 time_all(impls)
                 row = record("gemm", {"dtype": dtype, "n": n, "transpose_b": tb}, impls, mlx_impl)
