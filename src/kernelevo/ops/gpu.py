@@ -104,16 +104,20 @@ def apply_epilogue(y: mx.array, ep: Epilogue, bias: mx.array | None, residual: m
 
 
 def _activation(y, name, stream):
-    if name == "relu":
-        return mx.maximum(y, mx.array(0, dtype=y.dtype), stream=stream)
-    if name == "silu":
-        return mx.multiply(y, mx.sigmoid(y, stream=stream), stream=stream)
-    if name == "gelu":
-        return mx.multiply(y * 0.5, 1 + mx.erf(y * (1 / math.sqrt(2)), stream=stream), stream=stream)
-    if name == "gelu_tanh":
-        inner = math.sqrt(2 / math.pi) * (y + 0.044715 * y * y * y)
-        return mx.multiply(y * 0.5, 1 + mx.tanh(inner, stream=stream), stream=stream)
-    return y
+    """MLX's own activations (mlx.nn: compiled into one kernel each), as an MLX model runs them."""
+    import mlx.nn as nn
+
+    with mx.stream(stream) if stream is not None else _no_stream():
+        return {"relu": nn.relu, "silu": nn.silu, "gelu": nn.gelu, "gelu_tanh": nn.gelu_approx,
+                "none": lambda x: x}[name](y)
+
+
+class _no_stream:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 @dataclass(frozen=True)
