@@ -1,6 +1,5 @@
 """A wrong MLX or nanobind combination fails at import, saying what to install."""
 
-import types
 
 import mlx.core as mx
 import pytest

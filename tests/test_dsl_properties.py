@@ -6,7 +6,7 @@ import keyword
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernelevo import chips, heuristics
+from kernelevo import chips
 from kernelevo.dsl import DSLError, ast, check, format_program, parse
 from kernelevo.dsl.select import CompiledProgram
 from kernelevo.features import attention_features, matmul_features

@@ -1,7 +1,6 @@
 """Which .kevo file is in force: tuned, then shipped, then generic (with a warning)."""
 
 import dataclasses
-import warnings
 
 import pytest
 

@@ -43,7 +43,9 @@ mx::fast::CustomKernelFunction create(const Kernel& k) {
                                  k.ensure_row_contiguous, k.shared_memory);
   }
   if (k.backend == "metal") {
-    throw BackendNotSupported("[kernelevo.launch] no Metal launcher in this build");
+    // Creating works without Metal; MLX throws "No Metal back-end" when it is called.
+    return mx::fast::metal_kernel(k.name, k.input_names, k.output_names, k.source, k.header,
+                                  k.ensure_row_contiguous, /*atomic_outputs=*/false);
   }
   throw std::invalid_argument("[kernelevo.launch] unknown GPU backend '" + k.backend + "'");
 }
@@ -85,8 +87,17 @@ std::vector<mx::array> launch(const Kernel& k, const std::vector<mx::array>& inp
       args.emplace_back(name, dtype_named(std::get<std::string>(value)));
     }
   }
-  return function(inputs, shapes, dtypes, k.grid, k.threadgroup, args, k.init_value,
-                  false, stream);
+  try {
+    return function(inputs, shapes, dtypes, k.grid, k.threadgroup, args, k.init_value, false,
+                    stream);
+  } catch (const std::runtime_error& e) {
+    if (k.backend == "metal" && std::string(e.what()).find("No Metal back-end") != std::string::npos) {
+      throw BackendNotSupported("[kernelevo.launch] " + k.name +
+                                ": this MLX has no Metal back-end (Metal kernels run on Apple "
+                                "silicon under macOS, with the `mlx` wheel built for it)");
+    }
+    throw;
+  }
 }
 
 size_t cached_kernels() {

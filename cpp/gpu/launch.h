@@ -22,7 +22,7 @@ namespace mx = mlx::core;
 using TemplateValue = std::variant<bool, int, std::string>;
 
 struct Kernel {
-  std::string backend;  // "cuda" (a "metal" branch belongs beside it)
+  std::string backend;  // "cuda" or "metal"
   std::string name;
   std::vector<std::string> input_names, output_names;
   std::string source, header;
@@ -30,7 +30,7 @@ struct Kernel {
   std::vector<std::string> output_dtypes;
   std::tuple<int, int, int> grid, threadgroup;  // grid in threads
   std::vector<std::pair<std::string, TemplateValue>> template_args;
-  int shared_memory = 0;
+  int shared_memory = 0;  // dynamic shared memory (CUDA; Metal kernels declare theirs)
   std::optional<float> init_value;
   bool ensure_row_contiguous = true;
 };

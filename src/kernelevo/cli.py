@@ -162,31 +162,47 @@ def fmt(files: list[Path] = typer.Argument(..., help=".kevo files"),
 def tune(chip: str = typer.Option("auto", help="'auto' (this machine's chip) or its id; other chips cannot be timed here"),
          backend: Optional[str] = typer.Option(None, help="cpu, metal or cuda (default: MLX's default device)"),
          workload: str = typer.Option("qwen3-0.6b", help="a built-in workload preset"),
-         candidates: int = typer.Option(12, help="configurations sampled per shape, besides the shipped one"),
+         model: Optional[Path] = typer.Option(None, help="derive the workload from a Hugging Face / mlx-lm config.json"),
+         shapes: Optional[Path] = typer.Option(None, help="a JSON file of explicit shapes"),
+         strategy: str = typer.Option("evolve", help="evolve, random or exhaustive"),
+         candidates: int = typer.Option(16, help="configurations searched per shape, besides the shipped one"),
          reps: int = typer.Option(5, help="timed repetitions per configuration (paired with the baseline)"),
-         seed: int = typer.Option(0, help="seed of the candidate sampling"),
+         time_budget: Optional[float] = typer.Option(None, help="stop searching after this many seconds"),
+         seed: int = typer.Option(0, help="seed of the search"),
          output: Optional[Path] = typer.Option(None, help="write the heuristics here instead of the user data directory"),
          database: Optional[Path] = typer.Option(None, "--db", help="the tuning database (default: user cache directory)")):
     """Time candidate kernels on this chip and write the winners as .kevo heuristics."""
     from . import chips as chips_mod
     from .paths import database_path
+    from .tune import workloads as wl
     from .tune.db import Database
     from .tune.runner import Tuner, TuneSettings
-    from .tune.workloads import PRESETS
+    from .tune.search import STRATEGIES
 
     backend = backend or chips_mod.default_backend()
     if backend != "cpu":
-        _fail(f"kernelevo has no {backend} kernels yet; tune the CPU with --backend cpu")
+        _fail(f"kernelevo cannot time {backend} kernels yet; tune the CPU with --backend cpu")
     local = chips_mod.detect(backend)
     if chip not in ("auto", local.id):
         _fail(f"a chip can only be timed on itself: this machine's {backend} chip is {local.id}, "
               f"not {chip}. Run `kernelevo tune --chip auto` on that machine.", 2)
-    if workload not in PRESETS:
-        _fail(f"unknown workload {workload!r}; presets: {', '.join(PRESETS)}", 2)
-    settings = TuneSettings(candidates=candidates, reps=reps, seed=seed)
+    if strategy not in STRATEGIES:
+        _fail(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}", 2)
+    try:
+        if model is not None:
+            chosen = wl.from_config(model)
+        elif shapes is not None:
+            chosen = wl.from_shapes_file(shapes)
+        elif workload in wl.PRESETS:
+            chosen = wl.PRESETS[workload]
+        else:
+            _fail(f"unknown workload {workload!r}; presets: {', '.join(wl.PRESETS)}", 2)
+    except ValueError as error:
+        _fail(str(error), 2)
+    settings = TuneSettings(strategy=strategy, candidates=candidates, reps=reps, seed=seed,
+                            time_budget_s=time_budget)
     db_path = database or database_path()
-    out.print(f"tuning {PRESETS[workload].description}\n  chip {local.id} ({local.name}), "
-              f"database {db_path}", highlight=False, markup=False)
+    print(f"tuning {chosen.description}\n  chip {local.id} ({local.name}), database {db_path}")
     with Database(db_path) as db, Progress(TextColumn("{task.description}"), BarColumn(),
                                            MofNCompleteColumn(), TimeElapsedColumn(),
                                            console=err, transient=True) as bar:
@@ -196,35 +212,70 @@ def tune(chip: str = typer.Option("auto", help="'auto' (this machine's chip) or 
             bar.update(task, completed=done, total=total, description=what)
 
         try:
-            result = Tuner(backend, db, settings, progress).run(PRESETS[workload], output)
+            result = Tuner(backend, db, settings, progress).run(chosen, output)
         except KeyboardInterrupt:
-            err.print("interrupted: finished measurements are kept; run the same command to resume")
+            print("interrupted: finished measurements are kept; run the same command to resume",
+                  file=sys.stderr)
             raise typer.Exit(130)
-    _print_summary(result)
+        _print_report(db, result.run_id)
+    for reason in result.skipped:
+        print(f"skipped {reason}")
+    print(f"{sum(s.measured for s in result.shapes)} measured, "
+          f"{sum(s.reused for s in result.shapes)} reused from the database, "
+          f"{sum(s.failed for s in result.shapes)} rejected (wrong, failed, crashed or hung), "
+          f"{result.restarts} worker restarts, {result.elapsed_s:.0f} s")
+    print(f"geometric-mean speedup over the shipped heuristics: {result.geomean_speedup:.3f}x "
+          f"(each shape's own best: {result.geomean_best:.3f}x)")
+    if result.output:
+        print(f"wrote {result.output}")
 
 
 def _ms(seconds: Optional[float]) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.3f}"
 
 
-def _print_summary(result) -> None:
-    table = Table(title=f"matmul on {result.chip.id}", title_justify="left")
-    for column in ("shape", "mlx ms", "shipped ms", "tuned ms", "speedup", "chosen configuration"):
-        table.add_column(column, justify="right" if "ms" in column or column == "speedup" else "left")
-    for s in result.shapes:
-        chosen = s.best or s.shipped
-        table.add_row(str(s.shape), _ms(s.mlx_s), _ms(s.shipped_s),
-                      _ms(s.best_s if s.best else s.shipped_s), f"{s.speedup:.2f}x",
-                      chosen.to_dsl() + ("" if s.best else "  (shipped)"))
-    out.print(table)
-    failed = sum(s.failed for s in result.shapes)
-    measured = sum(s.measured for s in result.shapes)
-    reused = sum(s.reused for s in result.shapes)
-    out.print(f"geometric-mean speedup over the shipped heuristics: {result.geomean_speedup:.3f}x "
-              f"({measured} measured, {reused} reused from the database, {failed} rejected) "
-              f"in {result.elapsed_s:.0f} s", highlight=False, markup=False)
-    if result.output:
-        out.print(f"wrote {result.output}", highlight=False, markup=False)
+def _print_report(db, run_id: int) -> list[dict]:
+    from .tune.report import geomean, run_rows
+
+    rows = run_rows(db, run_id)
+    run = db.run(run_id)
+    for op in dict.fromkeys(r["op"] for r in rows):
+        table = Table(title=f"{op} on {run.chip} (run {run_id})", title_justify="left")
+        for column in ("shape", "mlx ms", "shipped ms", "tuned ms", "speedup", "chosen configuration"):
+            table.add_column(column, justify="right" if "ms" in column or column == "speedup" else "left")
+        mine = [r for r in rows if r["op"] == op]
+        for r in mine:
+            same = r["chosen_config"] == r["shipped_config"]
+            table.add_row(r["label"] or r["shape_key"], _ms(r["mlx_s"]), _ms(r["shipped_s"]),
+                          _ms(r["tuned_s"]), f"{r['speedup']:.2f}x",
+                          r["chosen_config"] + ("  (shipped)" if same else ""))
+        out.print(table)
+        print(f"{op}: geometric-mean speedup {geomean(r['speedup'] for r in mine):.3f}x over the "
+              f"shipped heuristics, {geomean(r['vs_mlx'] for r in mine):.3f}x over MLX's own op")
+    return rows
+
+
+@app.command()
+def report(run: Optional[int] = typer.Option(None, help="the run (default: the latest finished one)"),
+           plot: Optional[Path] = typer.Option(None, help="where to write the PNG plot "
+                                               "(default: tune-report-<run>.png in the cache directory)"),
+           database: Optional[Path] = typer.Option(None, "--db")):
+    """Print the results of a tuning run per op and plot the speedups."""
+    from .paths import cache_dir, database_path
+    from .tune.db import Database
+    from .tune.report import plot as draw
+
+    with Database(database or database_path()) as db:
+        finished = [r for r in db.runs() if r.status == "finished"]
+        chosen = db.run(run) if run is not None else (finished[-1] if finished else None)
+        if chosen is None:
+            _fail("no finished tuning run in the database; run `kernelevo tune --chip auto`")
+        rows = _print_report(db, chosen.id)
+        if not rows:
+            _fail(f"run {chosen.id} recorded no results")
+        path = draw(rows, plot or cache_dir() / f"tune-report-{chosen.id}.png",
+                    f"kernelevo tune, run {chosen.id} on {chosen.chip} ({chosen.workload})")
+        print(f"plot: {path}")
 
 
 @db_app.command("list")
@@ -257,6 +308,43 @@ def db_show(run: Optional[int] = typer.Option(None, help="only this run"),
             table.add_row(str(m.id), m.shape_key, m.config, m.status, _ms(m.median_s),
                           f"{m.ratio:.3f}" if m.ratio else "", m.reason or "")
         out.print(table)
+
+
+@db_app.command("export")
+def db_export(output: Path = typer.Argument(..., help="a JSON file"),
+              database: Optional[Path] = typer.Option(None, "--db")):
+    """Write every run and measurement to a JSON file."""
+    import json
+
+    from .paths import database_path
+    from .tune.db import Database
+
+    with Database(database or database_path()) as db:
+        data = db.export()
+    output.write_text(json.dumps(data, indent=1))
+    print(f"wrote {len(data['runs'])} runs and {len(data['measurements'])} measurements to {output}")
+
+
+@db_app.command("prune")
+def db_prune(stale: bool = typer.Option(False, help="measurements of kernels this build no longer has"),
+             chip: Optional[str] = typer.Option(None, help="all measurements of this chip"),
+             older_than_days: Optional[float] = typer.Option(None, help="measurements older than this"),
+             database: Optional[Path] = typer.Option(None, "--db")):
+    """Delete measurements."""
+    import time
+
+    from .paths import database_path
+    from .tune.db import Database
+    from .tune.runner import template_hash
+
+    keep = {"cpu": template_hash("cpu")} if stale else None
+    before = time.time() - older_than_days * 86400 if older_than_days is not None else None
+    with Database(database or database_path()) as db:
+        try:
+            n = db.prune(keep_template_hashes=keep, chip=chip, before=before)
+        except ValueError as error:
+            _fail(str(error), 2)
+    print(f"deleted {n} measurements")
 
 
 def main() -> None:

@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+from .cuda_attention import is_causal  # the same masking semantics on every GPU backend
 from .gpu_common import SCALE_AT, builtin, itemsize, memory_fit, threads_fit
 from .schema import Constraint, Family, Param
 
 HEAD_DIMS = (64, 72, 80, 96, 128, 192, 256)
 
 
-def _flash_bytes(p, call) -> int:
-    # Q tile plus one K/V tile (K and V share it), rows padded by 16 bytes.
+def flash_tile_bytes(p, call) -> int:
+    """Threadgroup memory of metal/attention.h's flash tiles (FlashTiles): the Q tile and
+    one K/V tile (K and V take turns in it), rows padded by 16 bytes. Checked statically
+    (no call) for a 128-wide head in f32; at selection for the call's."""
     size = itemsize(call)
-    pad = 16 // size
     d = call.get("head_dim", 128)
-    return (p["bq"] * (d + pad) + max((p["bk"] + pad) * d, p["bk"] * (d + pad))) * size
+    return (p["bq"] + p["bk"]) * (d + 16 // size) * size
 
 
-_pack_gqa = Param("pack_gqa", "bool", "one threadgroup serves all query heads of a KV head, so "
-                  "K and V are read once per KV head")
+_pack_gqa = Param("pack_gqa", "bool", "one threadgroup serves every query row of a KV head (its "
+                  "gqa query heads, q_len queries each), so K and V are read once per KV head (no: one "
+                  "threadgroup per query row, as MLX's vector kernels)")
 _decode_calls = (
     Constraint("q_len <= 8", lambda p, chip, call: call["q_len"] <= 8, on_call=True),
     Constraint("q_len <= kv_len", lambda p, chip, call: call["q_len"] <= call["kv_len"], on_call=True),
-    Constraint("gqa * q_len <= 32 when pack_gqa (one simdgroup per query row)",
+    Constraint("gqa * q_len <= 32 when pack_gqa (every query row of a KV head held in registers)",
                lambda p, chip, call: not p["pack_gqa"] or call["gqa"] * call["q_len"] <= 32,
                on_call=True),
     Constraint("head_dim in {64, 72, 80, 96, 128, 192, 256}",
@@ -36,7 +39,8 @@ METAL_FLASH = Family(
         Param("bq", "int", "query rows per threadgroup", allowed=(16, 32, 64)),
         Param("bk", "int", "keys per step", allowed=(8, 16, 32, 64)),
         Param("wm", "int", "simdgroups along the query rows", allowed=(1, 2, 4, 8)),
-        Param("wn", "int", "simdgroups along the head dimension", allowed=(1, 2)),
+        Param("wn", "int", "simdgroups along the head dimension of the output (each computes "
+              "the scores of its query rows itself)", allowed=(1, 2)),
         Param("skip_masked_blocks", "bool", "skip key blocks that the causal or window mask "
               "removes entirely (no: compute and mask them)"),
         SCALE_AT,
@@ -44,9 +48,12 @@ METAL_FLASH = Family(
     constraints=(
         Constraint("bq % (8 * wm) == 0", lambda p, chip, call: p["bq"] % (8 * p["wm"]) == 0),
         threads_fit(lambda p: 32 * p["wm"] * p["wn"], "32 * wm * wn threads"),
-        memory_fit(_flash_bytes, "(bq * (D + pad) + bk * (D + pad)) * itemsize"),
+        memory_fit(flash_tile_bytes, "(bq + bk) * (head_dim + 16 / itemsize) * itemsize"),
         Constraint("head_dim in {64, 72, 80, 96, 128, 192, 256}",
                    lambda p, chip, call: call["head_dim"] in HEAD_DIMS, on_call=True),
+        Constraint("q_len <= kv_len when causal or windowed (every query sees a key)",
+                   lambda p, chip, call: not is_causal(call) or call["q_len"] <= call["kv_len"],
+                   on_call=True),
     ),
 )
 
@@ -65,8 +72,9 @@ METAL_DECODE = Family(
 
 METAL_DECODE_SPLIT = Family(
     op="attention", backend="metal", name="decode_split",
-    doc="Two-pass decode attention for long contexts: `blocks` threadgroups per head each "
-        "reduce a slice of the keys to a partial softmax; a second kernel merges them.",
+    doc="Two-pass decode attention for long contexts: `blocks` threadgroups (one simdgroup "
+        "each) per head each reduce a slice of the keys to a partial softmax; a second kernel "
+        "merges them.",
     params=(
         Param("blocks", "int", "slices of the key sequence", lo=32, hi=1024, multiple_of=32,
               search=(32, 64, 128, 256, 512, 1024)),

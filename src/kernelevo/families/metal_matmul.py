@@ -3,17 +3,32 @@
 
 from __future__ import annotations
 
-from .gpu_common import builtin, itemsize, memory_fit, threads_fit
+from .gpu_common import builtin, itemsize, threads_fit
 from .schema import Constraint, Family, Param
 
 POW2_TILES = (16, 32, 64, 128)
 
 
-def _tile_bytes(p, call) -> int:
-    # A and B tiles in threadgroup memory, each row padded by 16 bytes (bank conflicts).
+def gemm_tile_bytes(p, call) -> int:
+    """Threadgroup memory of metal/gemm.h's A and B tiles (GemmTiles): each tile keeps the
+    layout of its operand in memory, so a transposed operand's tile is stored transposed;
+    rows are padded by 16 bytes against bank conflicts. Without the call's transposes, the
+    larger layout."""
     size = itemsize(call)
     pad = 16 // size
-    return (p["bm"] * (p["bk"] + pad) + p["bk"] * (p["bn"] + pad)) * size
+    bm, bn, bk = p["bm"], p["bn"], p["bk"]
+    a = {False: bm * (bk + pad), True: bk * (bm + pad)}
+    b = {False: bk * (bn + pad), True: bn * (bk + pad)}
+    ta, tb = call.get("transpose_a"), call.get("transpose_b")
+    a_elems = a[bool(ta)] if ta is not None else max(a.values())
+    b_elems = b[bool(tb)] if tb is not None else max(b.values())
+    return (a_elems + b_elems) * size
+
+
+_tiles_fit = Constraint(
+    "(A + B) * itemsize <= chip.threadgroup_memory, where A = bm * (bk + pad) (bk * (bm + pad) when "
+    "transpose_a), B = bk * (bn + pad) (bn * (bk + pad) when transpose_b), pad = 16 / itemsize",
+    lambda p, chip, call: gemm_tile_bytes(p, call) <= chip.threadgroup_memory)
 
 
 _simdgroup_tiling = (
@@ -46,7 +61,7 @@ METAL_GEMM = Family(
     constraints=(
         *_simdgroup_tiling,
         threads_fit(lambda p: 32 * p["wm"] * p["wn"], "32 * wm * wn threads"),
-        memory_fit(_tile_bytes, "(bm * (bk + pad) + bk * (bn + pad)) * itemsize"),
+        _tiles_fit,
     ),
 )
 
@@ -64,7 +79,7 @@ METAL_SPLITK = Family(
     constraints=(
         *_simdgroup_tiling,
         threads_fit(lambda p: 32 * p["wm"] * p["wn"], "32 * wm * wn threads"),
-        memory_fit(_tile_bytes, "(bm * (bk + pad) + bk * (bn + pad)) * itemsize"),
+        _tiles_fit,
         Constraint("parts * bk <= K (every part gets at least one step)",
                    lambda p, chip, call: p["parts"] * p["bk"] <= call["K"], on_call=True),
         Constraint("batch == 1", lambda p, chip, call: call["batch"] == 1, on_call=True),
@@ -73,15 +88,18 @@ METAL_SPLITK = Family(
 
 METAL_GEMV = Family(
     op="matmul", backend="metal", name="gemv",
-    doc="Matrix-vector product for M == 1 or N == 1: threadgroups of bm x bn simdgroups, each "
-        "simdgroup an sm x sn arrangement of its 32 threads, each thread tm x tn elements.",
+    doc="Matrix-vector product for M == 1 or N == 1, in MLX's arrangement: threadgroups of "
+        "bm x bn simdgroups, each simdgroup an sm x sn arrangement of its 32 threads, each "
+        "thread tm x tn elements, where bm/sm/tm run along the matrix's rows and bn/sn/tn "
+        "along its contiguous columns as it lies in memory (stored [out, K] the columns are "
+        "the reduction; stored [K, out] the rows are).",
     params=(
-        Param("bm", "int", "simdgroups along the output", allowed=(1, 2, 4, 8)),
-        Param("bn", "int", "simdgroups along the reduction", allowed=(1, 2, 4, 8, 16)),
-        Param("sm", "int", "threads of a simdgroup along the output", allowed=(1, 2, 4, 8, 16, 32)),
-        Param("sn", "int", "threads of a simdgroup along the reduction", allowed=(1, 2, 4, 8, 16, 32)),
-        Param("tm", "int", "outputs per thread", allowed=(1, 4)),
-        Param("tn", "int", "reduction elements per thread per step", allowed=(1, 4)),
+        Param("bm", "int", "simdgroups along the matrix's rows", allowed=(1, 2, 4, 8)),
+        Param("bn", "int", "simdgroups along the matrix's columns", allowed=(1, 2, 4, 8, 16)),
+        Param("sm", "int", "threads of a simdgroup along the rows", allowed=(1, 2, 4, 8, 16, 32)),
+        Param("sn", "int", "threads of a simdgroup along the columns", allowed=(1, 2, 4, 8, 16, 32)),
+        Param("tm", "int", "rows per thread", allowed=(1, 4)),
+        Param("tn", "int", "contiguous columns per thread", allowed=(1, 4)),
     ),
     constraints=(
         Constraint("sm * sn == 32 (one simdgroup)", lambda p, chip, call: p["sm"] * p["sn"] == 32),
@@ -96,7 +114,7 @@ METAL_GEMV_WIDE = Family(
     doc="A few rows (2-15) of f16/bf16 against a transposed weight: each threadgroup streams "
         "four weight rows once for up to `vecs` input vectors held in registers.",
     params=(
-        Param("vecs", "int", "input vectors per pass over the weight", lo=1, hi=5),
+        Param("vecs", "int", "input vectors per pass over the weight", lo=1, hi=5, search=(1, 2, 3, 4, 5)),
         Param("lanes", "int", "threads of each simdgroup along K (16: half a simdgroup per "
               "row, so twice the rows in flight)", allowed=(16, 32)),
         Param("split_passes", "bool", "run the passes over the weight as separate threadgroup "

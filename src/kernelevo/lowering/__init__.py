@@ -13,7 +13,6 @@ run in order, later ones reading earlier ones' outputs by name.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -64,13 +63,6 @@ def template_dir(backend: str) -> Path:
 
 @lru_cache(maxsize=None)
 def template(backend: str, *files: str) -> str:
-    """The named template files, concatenated in order (a kernel's header), without their
-    comments and blank lines: MLX copies and hashes a kernel's source on every launch."""
+    """The named template files, concatenated in order (a kernel's header)."""
     folder = template_dir(backend)
-    return "\n".join(_strip((folder / f).read_text(encoding="utf-8")) for f in files)
-
-
-def _strip(text: str) -> str:
-    """Drops // comments (the templates keep none inside string literals) and blank lines."""
-    lines = (re.sub(r"\s*//.*$", "", line).rstrip() for line in text.splitlines())
-    return "\n".join(line for line in lines if line) + "\n"
+    return "\n".join((folder / f).read_text(encoding="utf-8") for f in files)

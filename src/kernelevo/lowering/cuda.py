@@ -7,6 +7,7 @@ argument (`constexpr` in the body MLX writes); see lowering/__init__.py for the 
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,6 +29,15 @@ GEMV_HEADER = _COMMON + ("gemv.cuh",)
 DECODE_HEADER = _COMMON + ("attention_common.cuh", "attention_decode.cuh")
 MERGE_HEADER = _COMMON + ("attention_common.cuh", "attention_merge.cuh")
 FLASH_HEADER = _COMMON + ("tile.cuh", "attention_common.cuh", "attention_flash.cuh")
+
+
+@lru_cache(maxsize=None)
+def header(*files: str) -> str:
+    """Template files as a kernel's header, without comments and blank lines: MLX copies
+    and hashes a CUDA kernel's whole source on every launch (the templates keep no // inside
+    string literals)."""
+    lines = (re.sub(r"\s*//.*$", "", line).rstrip() for line in template(BACKEND, *files).splitlines())
+    return "\n".join(line for line in lines if line) + "\n"
 
 
 def f32_bits(x: float) -> int:
@@ -143,7 +153,7 @@ def _lower_matmul(config: KernelConfig, features: tuple, epilogue: Epilogue, a_b
                 f"HAS_BIAS, ACT, HAS_RESIDUAL, HAS_SCALE>(a, b, {kernel_epilogue.pointers()}, sizes, out);")
         kernel = LoweredKernel(
             name=_name(config, layout, kernel_epilogue.tag()), backend=BACKEND, source=body,
-            header=template(BACKEND, *GEMM_HEADER),
+            header=header(*GEMM_HEADER),
             input_names=("a", "b") + kernel_epilogue.inputs() + ("sizes",), output_names=("out",),
             template_args=(("T", MX_DTYPE[dtype]),) + tile_args + kernel_epilogue.template_args(),
             grid=grid, threadgroup=(threads, 1, 1), shared_memory=smem,
@@ -155,7 +165,7 @@ def _lower_matmul(config: KernelConfig, features: tuple, epilogue: Epilogue, a_b
             "sizes, partials);")
     partial = LoweredKernel(
         name=_name(config, layout), backend=BACKEND, source=body,
-        header=template(BACKEND, *GEMM_HEADER), input_names=("a", "b", "sizes"),
+        header=header(*GEMM_HEADER), input_names=("a", "b", "sizes"),
         output_names=("partials",), template_args=(("T", MX_DTYPE[dtype]),) + tile_args,
         grid=grid, threadgroup=(threads, 1, 1), shared_memory=smem,
         output_shapes=((parts, batch, M, N),), output_dtypes=("float32",), sizes=sizes)
@@ -164,7 +174,7 @@ def _lower_matmul(config: KernelConfig, features: tuple, epilogue: Epilogue, a_b
         name=f"splitk_reduce_{dtype}_{kernel_epilogue.tag()}", backend=BACKEND,
         source=(f"ke::splitk_reduce<T, HAS_BIAS, ACT, HAS_RESIDUAL, HAS_SCALE>(partials, "
                 f"{kernel_epilogue.pointers()}, sizes, out);"),
-        header=template(BACKEND, *GEMM_HEADER),
+        header=header(*GEMM_HEADER),
         input_names=("partials",) + kernel_epilogue.inputs() + ("sizes",), output_names=("out",),
         template_args=(("T", MX_DTYPE[dtype]),) + kernel_epilogue.template_args(),
         grid=_check_grid((cdiv(M * N, reduce_threads) * reduce_threads, batch, 1), config.to_dsl()),
@@ -182,7 +192,7 @@ def _gemv(config, p, M, N, K, batch, dtype, tb, epilogue, alpha, a_batched, b_ba
             f"(a, b, {epilogue.pointers()}, sizes, out);")
     return LoweredKernel(
         name=_name(config, f"{dtype}_mb{mb}_tb{int(tb)}", epilogue.tag()), backend=BACKEND,
-        source=body, header=template(BACKEND, *GEMV_HEADER),
+        source=body, header=header(*GEMV_HEADER),
         input_names=("a", "b") + epilogue.inputs() + ("sizes",), output_names=("out",),
         template_args=(("T", MX_DTYPE[dtype]), ("MB", mb), ("WARPS", warps), ("ROWS", rows),
                        ("VEC", vec), ("TRANS_B", tb)) + epilogue.template_args(),
@@ -246,7 +256,7 @@ def _lower_attention(config: KernelConfig, features: tuple, scale: float, mask_d
                 + ("static_cast<T*>(nullptr), " if split else "out, ") + outs)
         kernel = LoweredKernel(
             name=_name(config, tag, f"split{int(split)}"), backend=BACKEND, source=body,
-            header=template(BACKEND, *FLASH_HEADER), input_names=inputs,
+            header=header(*FLASH_HEADER), input_names=inputs,
             output_names=("o_part", "ml_part") if split else ("out",),
             template_args=common_args + (("BQ", bq), ("BK", bk), ("WARPS", warps),
                                          ("STAGES", stages), ("SKIP", p["skip_masked_blocks"])) + flags
@@ -278,7 +288,7 @@ def _lower_attention(config: KernelConfig, features: tuple, scale: float, mask_d
                "out, static_cast<float*>(nullptr), static_cast<float*>(nullptr));"))
     first = LoweredKernel(
         name=_name(config, tag, f"r{rows}"), backend=BACKEND, source=body,
-        header=template(BACKEND, *DECODE_HEADER), input_names=inputs,
+        header=header(*DECODE_HEADER), input_names=inputs,
         output_names=("o_part", "ml_part") if split else ("out",),
         template_args=decode_args,
         grid=_check_grid((slices * threads, heads, 1), config.to_dsl()), threadgroup=(threads, 1, 1),
@@ -296,7 +306,7 @@ def _merge(dtype: str, D: int, rows: int, out_shape, sizes, config) -> LoweredKe
     return LoweredKernel(
         name=f"attention_merge_{dtype}_d{D}", backend=BACKEND,
         source="ke::attention_merge<T, D>(o_part, ml_part, sizes, out);",
-        header=template(BACKEND, *MERGE_HEADER), input_names=("o_part", "ml_part", "sizes"),
+        header=header(*MERGE_HEADER), input_names=("o_part", "ml_part", "sizes"),
         output_names=("out",), template_args=(("T", MX_DTYPE[dtype]), ("D", D)),
         grid=_check_grid((rows * MERGE_THREADS, 1, 1), config.to_dsl()),
         threadgroup=(MERGE_THREADS, 1, 1), shared_memory=(MAX_SLICES + 32) * 4,

@@ -1,9 +1,9 @@
 """Ops on a GPU stream: select with the same heuristics as everywhere, lower, launch.
 
 MLX exports its custom-kernel launchers but not the primitive behind them, so on a GPU
-stream a kernelevo op is the output of `_ext.launch` (MLX's fast::cuda_kernel), wrapped in
-`mx.custom_function` whose VJP is built from kernelevo ops again; the `mlx` family runs
-MLX's own op. See docs/architecture.md, "GPU backends".
+stream a kernelevo op is the output of `_ext.launch` (MLX's fast::metal_kernel or
+fast::cuda_kernel), wrapped in `mx.custom_function` whose VJP is built from kernelevo ops
+again; the `mlx` family runs MLX's own op. See docs/architecture.md, "GPU backends".
 """
 
 from __future__ import annotations
@@ -18,37 +18,40 @@ from .. import chips
 from ..config import KernelConfig
 from ..features import DTYPE_SYMBOL, attention_features, matmul_features
 from ..lowering import LoweredKernel, Plan
-from ..lowering.cuda import Epilogue, lower_attention, lower_matmul
+from ..lowering import cuda as cuda_lowering
+from ..lowering import metal as metal_lowering
+from ..lowering.cuda import Epilogue
 from ._runtime import BackendNotSupportedError, as_config, ext, select, selection_cache
 
-GPU_BACKENDS = ("cuda",)
+GPU_BACKENDS = ("cuda", "metal")
+LOWERING = {"cuda": cuda_lowering, "metal": metal_lowering}  # backend -> its lowering module
 MX_TYPES = {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
 
 _matmul_choices = selection_cache()
 _attention_choices = selection_cache()
-_kernels: dict[str, object] = {}  # kernel name -> the extension's GpuKernel
+_kernels: dict[tuple[str, str], object] = {}  # (backend, kernel name) -> the extension's GpuKernel
 launch_kernel = ext.launch  # (GpuKernel, inputs, stream=) -> outputs; tests put the emulator here
 _sizes: OrderedDict[tuple, mx.array] = OrderedDict()  # `sizes` contents -> its int32 array
 
 
 def gpu_backend() -> str:
-    """The kernelevo backend of this machine's GPU (CUDA is the one with a launcher)."""
+    """The kernelevo backend of this machine's GPU."""
     return "metal" if mx.metal.is_available() else "cuda"
 
 
 def require_gpu(op: str) -> str:
     """The GPU backend that runs `op`, or BackendNotSupportedError."""
     backend = gpu_backend()
-    if backend not in GPU_BACKENDS or not mx.cuda.is_available():
+    if backend not in GPU_BACKENDS or not (backend == "metal" or mx.cuda.is_available()):
         raise BackendNotSupportedError(
-            f"[kernelevo.{op}] not yet supported on this backend: kernelevo launches GPU "
-            f"kernels through MLX's CUDA back-end (mlx-cuda-13), which this MLX does not have"
-            + (" (Metal kernels have no launcher yet)" if backend == "metal" else ""))
+            f"[kernelevo.{op}] not yet supported on this backend: kernelevo launches GPU kernels "
+            f"through MLX's Metal back-end (Apple silicon) or its CUDA back-end (mlx-cuda-13), "
+            f"and this MLX has neither")
     return backend
 
 
 def _ext_kernel(k: LoweredKernel):
-    hit = _kernels.get(k.name)
+    hit = _kernels.get((k.backend, k.name))
     if hit is None:
         hit = ext.GpuKernel()
         hit.backend, hit.name, hit.source, hit.header = k.backend, k.name, k.source, k.header
@@ -59,7 +62,7 @@ def _ext_kernel(k: LoweredKernel):
         hit.template_args = list(k.template_args)
         hit.shared_memory, hit.init_value = k.shared_memory, k.init_value
         hit.ensure_row_contiguous = k.ensure_row_contiguous
-        _kernels[k.name] = hit
+        _kernels[(k.backend, k.name)] = hit
     # Output shapes change with the call while the name (the compiled kernel) does not.
     hit.output_shapes = [list(s) for s in k.output_shapes]
     hit.grid = k.grid
@@ -198,8 +201,8 @@ def matmul(a: mx.array, b: mx.array, *, transpose_a: bool = False, transpose_b: 
         x = mx.swapaxes(a, -1, -2) if transpose_a else a
         w = mx.swapaxes(b, -1, -2) if transpose_b else b
         return apply_epilogue(mx.matmul(x, w, stream=stream), epilogue, bias, residual, stream)
-    plan = lower_matmul(cfg, features, epilogue=epilogue, a_batched=call.a_batched,
-                        b_batched=call.b_batched)
+    plan = LOWERING[backend].lower_matmul(cfg, features, epilogue=epilogue, a_batched=call.a_batched,
+                                          b_batched=call.b_batched)
     fused = plan.pending is None and not epilogue.empty
     extras = ([bias] if fused and epilogue.bias else []) + ([residual] if fused and epilogue.residual else [])
 
@@ -380,7 +383,8 @@ def attention(q, k, v, *, scale: float, mask=None, softcap: float | None = None,
         m, strides = _mask_layout(m, (features["batch"], features["heads"], features["q_len"], features["kv_len"]))
         inputs["mask"] = m
         mask_dtype = "bool" if kind == "bool" else str(dtype).split(".")[-1]
-    plan = lower_attention(cfg, features, scale=scale, mask_dtype=mask_dtype, mask_strides=strides)
+    plan = LOWERING[backend].lower_attention(cfg, features, scale=scale, mask_dtype=mask_dtype,
+                                             mask_strides=strides)
 
     @mx.custom_function
     def fused(q_, k_, v_, *rest):

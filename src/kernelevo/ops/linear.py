@@ -19,7 +19,7 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None, *,
     """activation(scale * x @ weight.T + bias) + residual, for weight [out, in] as
     mlx.nn.Linear stores it. activation is None, relu, silu, gelu (erf) or gelu_tanh.
 
-    On a CUDA GPU the heuristics see the epilogue (the matmul feature `epilogue`) and a
+    On a GPU (Metal or CUDA) the heuristics see the epilogue (the matmul feature `epilogue`) and a
     configuration with `epilogue=fused` applies it in the kernel's output stage; elsewhere
     it runs as MLX ops after kernelevo's matmul."""
     name = activation or "none"

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each entry upgrades the schema from version i to i + 1.
 MIGRATIONS: list[str] = [
@@ -58,6 +58,31 @@ MIGRATIONS: list[str] = [
     CREATE INDEX measurement_key
         ON measurements (chip, backend, template_hash, op, shape_key, config, phase);
     """,
+    # 2: the workload of each run, so reports can be rebuilt from the database alone
+    """
+    CREATE TABLE run_shapes (
+        run_id INTEGER NOT NULL REFERENCES runs(id),
+        position INTEGER NOT NULL,
+        op TEXT NOT NULL,
+        shape_key TEXT NOT NULL,
+        shape TEXT NOT NULL,
+        label TEXT,
+        PRIMARY KEY (run_id, position)
+    );
+    ALTER TABLE measurements ADD COLUMN baseline_config TEXT;
+    CREATE TABLE run_results (
+        run_id INTEGER NOT NULL REFERENCES runs(id),
+        shape_key TEXT NOT NULL,
+        op TEXT NOT NULL,
+        shipped_config TEXT NOT NULL,
+        shipped_s REAL,
+        mlx_s REAL,
+        chosen_config TEXT NOT NULL,
+        speedup REAL NOT NULL,
+        best_speedup REAL NOT NULL,
+        PRIMARY KEY (run_id, shape_key)
+    );
+    """,
 ]
 
 #: what `config` holds for the built-in MLX op measured as a baseline
@@ -87,6 +112,7 @@ class Measurement:
     baseline: str | None
     baseline_median_s: float | None
     ratio: float | None
+    baseline_config: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -169,6 +195,69 @@ class Database:
         rows = self._conn.execute("SELECT * FROM runs ORDER BY id").fetchall()
         return [Run(**dict(r)) for r in rows]
 
+    def run(self, run_id: int) -> Run | None:
+        row = self._conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return Run(**dict(row)) if row else None
+
+    def set_run_shapes(self, run_id: int, shapes: list[tuple[str, str, str, str]]) -> None:
+        """(op, shape_key, shape as JSON, label) for each shape of the run's workload."""
+        with self._transaction() as conn:
+            conn.executemany("INSERT INTO run_shapes VALUES (?, ?, ?, ?, ?, ?)",
+                             [(run_id, i, *s) for i, s in enumerate(shapes)])
+
+    def run_shapes(self, run_id: int) -> list[tuple[str, str, str, str]]:
+        rows = self._conn.execute("SELECT op, shape_key, shape, label FROM run_shapes "
+                                  "WHERE run_id = ? ORDER BY position", (run_id,)).fetchall()
+        return [tuple(r) for r in rows]
+
+    def set_run_results(self, run_id: int, rows: list[dict]) -> None:
+        """What the written heuristics choose for each shape of a finished run."""
+        with self._transaction() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO run_results VALUES (:run_id, :shape_key, :op, "
+                ":shipped_config, :shipped_s, :mlx_s, :chosen_config, :speedup, :best_speedup)",
+                [dict(r, run_id=run_id) for r in rows])
+
+    def run_results(self, run_id: int) -> list[dict]:
+        rows = self._conn.execute(
+            "SELECT r.*, s.label, s.position FROM run_results r LEFT JOIN run_shapes s "
+            "ON s.run_id = r.run_id AND s.shape_key = r.shape_key WHERE r.run_id = ? "
+            "ORDER BY s.position", (run_id,)).fetchall()
+        return [dict(r) for r in rows]
+
+    def prune(self, *, keep_template_hashes: dict[str, str] | None = None,
+              chip: str | None = None, before: float | None = None) -> int:
+        """Deletes measurements: those of another kernel version than `keep_template_hashes`
+        ({backend: hash}), of one chip, or older than a time. Returns how many went."""
+        clauses, args = [], []
+        if keep_template_hashes:
+            parts = []
+            for backend, digest in keep_template_hashes.items():
+                parts.append("(backend = ? AND template_hash != ?)")
+                args += [backend, digest]
+            clauses.append("(" + " OR ".join(parts) + ")")
+        if chip is not None:
+            clauses.append("chip = ?")
+            args.append(chip)
+        if before is not None:
+            clauses.append("created_at < ?")
+            args.append(before)
+        if not clauses:
+            raise ValueError("prune needs a criterion (stale kernels, a chip or a date)")
+        with self._transaction() as conn:
+            cursor = conn.execute("DELETE FROM measurements WHERE " + " AND ".join(clauses), args)
+            return cursor.rowcount
+
+    def export(self) -> dict:
+        """Everything, as plain data (for `kernelevo db export`)."""
+        runs = [dict(r) for r in self._conn.execute("SELECT * FROM runs ORDER BY id")]
+        for run in runs:
+            run["shapes"] = [dict(zip(("op", "shape_key", "shape", "label"), s))
+                             for s in self.run_shapes(run["id"])]
+            run["results"] = self.run_results(run["id"])
+        rows = [dict(r) for r in self._conn.execute("SELECT * FROM measurements ORDER BY id")]
+        return {"schema_version": self.schema_version, "runs": runs, "measurements": rows}
+
     # -- measurements ----------------------------------------------------------------
     def record(self, *, run_id: int | None, chip: str, backend: str, template_hash: str, op: str,
                shape_key: str, config: str, status: str, phase: str = "search",
@@ -176,17 +265,18 @@ class Database:
                error: float | None = None, median_s: float | None = None,
                q1_s: float | None = None, q3_s: float | None = None, min_s: float | None = None,
                samples: tuple[float, ...] | None = None, baseline: str | None = None,
-               baseline_median_s: float | None = None, ratio: float | None = None) -> int:
+               baseline_median_s: float | None = None, ratio: float | None = None,
+               baseline_config: str | None = None) -> int:
         with self._transaction() as conn:
             cursor = conn.execute(
                 "INSERT INTO measurements (run_id, created_at, chip, backend, template_hash, op, "
                 "shape_key, config, phase, status, reason, error, median_s, q1_s, q3_s, min_s, "
-                "samples, baseline, baseline_median_s, ratio) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "samples, baseline, baseline_median_s, ratio, baseline_config) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, time.time(), chip, backend, template_hash, op, shape_key, config, phase, status,
                  reason, error, median_s, q1_s, q3_s, min_s,
                  json.dumps(samples) if samples is not None else None,
-                 baseline, baseline_median_s, ratio))
+                 baseline, baseline_median_s, ratio, baseline_config))
             return int(cursor.lastrowid)
 
     def latest(self, *, chip: str, backend: str, template_hash: str, op: str, shape_key: str,

@@ -51,8 +51,3 @@ def compare(out: mx.array, reference: np.ndarray, dtype: str) -> Check:
     diff = float(np.max(np.abs(got - reference))) if reference.size else 0.0
     error = diff / scale if scale > 0 else diff
     return Check(error <= tolerance, error, tolerance)
-
-
-def matmul_reference(a: mx.array, b: mx.array, transpose_b: bool) -> np.ndarray:
-    a64, b64 = to_f64(a), to_f64(b)
-    return a64 @ (np.swapaxes(b64, -1, -2) if transpose_b else b64)

@@ -1,15 +1,20 @@
 """Workloads: the op calls a tuning run measures.
 
-Built-in presets are the shapes of real model layers (no weights needed): a linear
-layer y = x W^T with W stored [out, in] is a matmul with M = tokens, N = out, K = in and
-transpose_b set, exactly as `ke.matmul(x, w, transpose_b=True)` runs it.
+Presets come from real model architectures (no weights needed): the matmul shapes of each
+transformer block's projections and MLP, and the attention shapes of prefill at several
+lengths and of decode at several context sizes. A linear layer y = x W^T with W stored
+[out, in] is a matmul with M = tokens, N = out, K = in and transpose_b set, exactly as
+`ke.matmul(x, w, transpose_b=True)` runs it. `from_config` derives the same from any
+Hugging Face / mlx-lm config.json; `from_shapes_file` reads explicit shapes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from ..features import DTYPES, matmul_features
+from ..features import DTYPES, attention_features, matmul_features
 
 
 @dataclass(frozen=True)
@@ -20,7 +25,7 @@ class MatmulShape:
     dtype: str = "bf16"
     batch: int = 1
     transpose_b: bool = True
-    label: str = ""
+    label: str = field(default="", compare=False)
 
     op = "matmul"
 
@@ -45,45 +50,199 @@ class MatmulShape:
 
 
 @dataclass(frozen=True)
+class AttentionShape:
+    batch: int
+    heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    dtype: str = "bf16"
+    mask: str = "none"  # none | causal
+    softcap: float = 0.0
+    window: int = 0
+    label: str = field(default="", compare=False)
+
+    op = "attention"
+
+    def features(self) -> dict:
+        return attention_features(batch=self.batch, heads=self.heads, kv_heads=self.kv_heads,
+                                  q_len=self.q_len, kv_len=self.kv_len, head_dim=self.head_dim,
+                                  dtype=self.dtype, mask=self.mask, softcap=self.softcap,
+                                  window=self.window)
+
+    @property
+    def key(self) -> str:
+        return (f"B{self.batch}_H{self.heads}_G{self.kv_heads}_Q{self.q_len}_S{self.kv_len}"
+                f"_D{self.head_dim}_{self.dtype}_{self.mask}_c{self.softcap:g}_w{self.window}")
+
+    @property
+    def flops(self) -> float:
+        return 4.0 * self.batch * self.heads * self.q_len * self.kv_len * self.head_dim
+
+    def __str__(self) -> str:
+        extra = "".join([f" {self.mask}" if self.mask != "none" else "",
+                         f" softcap {self.softcap:g}" if self.softcap else "",
+                         f" window {self.window}" if self.window else ""])
+        kind = "decode" if self.q_len <= 8 else "prefill"
+        return (f"{kind} q{self.q_len} kv{self.kv_len} {self.heads}/{self.kv_heads}x{self.head_dim}"
+                f" b{self.batch} {self.dtype}{extra}")
+
+
+Shape = MatmulShape | AttentionShape
+
+
+@dataclass(frozen=True)
 class Workload:
     name: str
     description: str
-    shapes: tuple[MatmulShape, ...]
+    shapes: tuple[Shape, ...]
+
+    def for_op(self, op: str) -> tuple[Shape, ...]:
+        return tuple(s for s in self.shapes if s.op == op)
 
 
-def linear_layers(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int,
-                  tokens: tuple[int, ...], dtypes: tuple[str, ...]) -> tuple[MatmulShape, ...]:
-    """The projections of one transformer block (q, k/v, o, gate/up, down)."""
-    layers = {
-        "q_proj": (heads * head_dim, hidden),
-        "kv_proj": (kv_heads * head_dim, hidden),
-        "o_proj": (hidden, heads * head_dim),
-        "gate_up_proj": (intermediate, hidden),
-        "down_proj": (hidden, intermediate),
-    }
-    shapes, seen = [], set()
+@dataclass(frozen=True)
+class Architecture:
+    """What a workload needs to know of a transformer."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    softcap: float = 0.0  # attention logit soft-capping
+    window: int = 0  # sliding window (0: none)
+
+    def linear_layers(self) -> dict[str, tuple[int, int]]:
+        """Projection name -> (out features N, in features K)."""
+        return {
+            "q_proj": (self.heads * self.head_dim, self.hidden),
+            "kv_proj": (self.kv_heads * self.head_dim, self.hidden),
+            "o_proj": (self.hidden, self.heads * self.head_dim),
+            "gate_up_proj": (self.intermediate, self.hidden),
+            "down_proj": (self.hidden, self.intermediate),
+        }
+
+
+def model_workload(arch: Architecture, *, tokens: tuple[int, ...] = (1, 16, 128),
+                   dtypes: tuple[str, ...] = ("bf16",), prefill: tuple[int, ...] = (512,),
+                   contexts: tuple[int, ...] = (1024, 4096), description: str = "") -> Workload:
+    shapes: list[Shape] = []
+    seen: set = set()
     for dtype in dtypes:
-        assert dtype in DTYPES
+        assert dtype in DTYPES, dtype
         for m in tokens:
-            for name, (n, k) in layers.items():
-                if (m, n, k, dtype) in seen:
-                    continue
-                seen.add((m, n, k, dtype))
-                shapes.append(MatmulShape(m, n, k, dtype, label=name))
-    return tuple(shapes)
+            for name, (n, k) in arch.linear_layers().items():
+                shape = MatmulShape(m, n, k, dtype, label=f"{arch.name} {name}, {m} tokens")
+                if shape not in seen:
+                    seen.add(shape)
+                    shapes.append(shape)
+        common = dict(batch=1, heads=arch.heads, kv_heads=arch.kv_heads, head_dim=arch.head_dim,
+                      dtype=dtype, softcap=arch.softcap)
+        for length in prefill:
+            window = arch.window if 0 < arch.window < length else 0
+            shapes.append(AttentionShape(q_len=length, kv_len=length, mask="causal", window=window,
+                                         label=f"{arch.name} prefill {length}", **common))
+        for context in contexts:
+            window = arch.window if 0 < arch.window < context else 0
+            shapes.append(AttentionShape(q_len=1, kv_len=context, window=window,
+                                         label=f"{arch.name} decode at {context}", **common))
+    return Workload(arch.name, description or f"{arch.name}: projections at {tokens} tokens, "
+                    f"prefill {prefill}, decode at {contexts}, {'/'.join(dtypes)}", tuple(shapes))
+
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
+    Architecture("qwen3-0.6b", hidden=1024, intermediate=3072, heads=16, kv_heads=8, head_dim=128),
+    Architecture("llama-3-8b", hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128),
+    Architecture("mistral-7b", hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128,
+                 window=4096),
+    Architecture("gemma-2-2b", hidden=2304, intermediate=9216, heads=8, kv_heads=4, head_dim=256,
+                 softcap=50.0, window=4096),
+)}
+
+
+def _tiny() -> Workload:
+    return Workload("tiny", "a few small shapes: a quick check of the machinery, not a tuning workload", (
+        MatmulShape(1, 256, 128, "f32", label="decode"),
+        MatmulShape(33, 96, 80, "f32", label="odd"),
+        MatmulShape(64, 128, 256, "bf16", label="small"),
+    ))
 
 
 PRESETS: dict[str, Workload] = {
-    "qwen3-0.6b": Workload(
-        "qwen3-0.6b",
-        "Qwen3-0.6B projections (hidden 1024, 16/8 heads of 128, MLP 3072) at 1, 16 and 128 "
-        "tokens, in bf16 and f32",
-        linear_layers(1024, 3072, 16, 8, 128, tokens=(1, 16, 128), dtypes=("bf16", "f32"))),
-    "tiny": Workload(
-        "tiny", "three small shapes: a quick check of the machinery, not a tuning workload",
-        (MatmulShape(1, 256, 128, "f32", label="decode"),
-         MatmulShape(33, 96, 80, "f32", label="odd"),
-         MatmulShape(64, 128, 256, "bf16", label="small")),
-    ),
+    "qwen3-0.6b": model_workload(
+        ARCHITECTURES["qwen3-0.6b"], tokens=(1, 16, 128), dtypes=("bf16", "f32"),
+        prefill=(256, 1024), contexts=(1024, 4096),
+        description="Qwen3-0.6B (hidden 1024, 16/8 heads of 128, MLP 3072): projections at 1, 16 "
+                    "and 128 tokens, prefill at 256 and 1024, decode at 1k and 4k context; bf16 and f32"),
+    "llama-3-8b": model_workload(ARCHITECTURES["llama-3-8b"], tokens=(1, 8, 64),
+                                 prefill=(512, 2048), contexts=(2048, 8192)),
+    "mistral-7b": model_workload(ARCHITECTURES["mistral-7b"], tokens=(1, 8, 64),
+                                 prefill=(512, 2048), contexts=(2048, 8192)),
+    "gemma-2-2b": model_workload(ARCHITECTURES["gemma-2-2b"], tokens=(1, 16, 64),
+                                 prefill=(512,), contexts=(1024, 8192)),
+    "tiny": _tiny(),
 }
 DEFAULT_WORKLOAD = "qwen3-0.6b"
+
+
+def architecture_from_config(config: dict, name: str = "model") -> Architecture:
+    """Reads a Hugging Face / mlx-lm config.json (also nested `text_config`s)."""
+    cfg = config.get("text_config", config)
+
+    def need(*keys):
+        for key in keys:
+            if cfg.get(key) is not None:
+                return cfg[key]
+        raise ValueError(f"the config has none of {', '.join(keys)}")
+
+    hidden = int(need("hidden_size", "d_model", "n_embd", "dim"))
+    heads = int(need("num_attention_heads", "n_heads", "n_head", "num_heads"))
+    kv_heads = int(cfg.get("num_key_value_heads") or cfg.get("n_kv_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    intermediate = int(need("intermediate_size", "ffn_dim", "n_inner", "hidden_dim"))
+    softcap = float(cfg.get("attn_logit_softcapping") or 0.0)
+    window = int(cfg.get("sliding_window") or 0) if cfg.get("use_sliding_window", True) else 0
+    if heads % kv_heads:
+        raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    return Architecture(str(cfg.get("model_type") or name), hidden, intermediate, heads, kv_heads,
+                        head_dim, softcap, window)
+
+
+def from_config(path: Path | str) -> Workload:
+    """The workload of a model from its config.json."""
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from err
+    arch = architecture_from_config(config, path.parent.name or "model")
+    return model_workload(arch, tokens=(1, 16, 128), prefill=(512,), contexts=(1024, 4096),
+                          description=f"{path}: {arch.name} (hidden {arch.hidden}, {arch.heads}/"
+                                      f"{arch.kv_heads} heads of {arch.head_dim}, MLP {arch.intermediate})")
+
+
+def from_shapes_file(path: Path | str) -> Workload:
+    """Explicit shapes, as JSON: a list of objects, each {"op": "matmul", "M":, "N":, "K":,
+    "dtype":, "batch":, "transpose_b":} or {"op": "attention", "batch":, "heads":,
+    "kv_heads":, "q_len":, "kv_len":, "head_dim":, "dtype":, "mask":, "softcap":, "window":}."""
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from err
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path} must hold a non-empty JSON list of shapes")
+    shapes: list[Shape] = []
+    for i, entry in enumerate(entries):
+        entry = dict(entry)
+        op = entry.pop("op", "matmul")
+        try:
+            shape = MatmulShape(**entry) if op == "matmul" else AttentionShape(**entry)
+            shape.features()  # validates
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: shape {i + 1}: {err}") from err
+        shapes.append(shape)
+    return Workload(path.stem, f"{len(shapes)} shapes from {path}", tuple(shapes))

@@ -1,0 +1,105 @@
+"""The process that runs candidate kernels for a tuning run.
+
+A kernel that crashes or hangs takes this process down, not the run: the tuner
+(tune/pool.py) sees the death or the timeout, records it and starts a new worker. Jobs
+and results are JSON lines on stdin/stdout; everything else this process prints goes to
+stderr. Timing happens here, in the process that runs the kernel.
+
+    python -m kernelevo.tune.worker
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+from ..config import ConfigError, KernelConfig
+from ..dsl import DSLError
+from .adapters import ADAPTERS
+from .db import MLX_BUILTIN
+from .timing import time_one, time_paired
+from .verify import compare
+from .workloads import AttentionShape, MatmulShape
+
+SHAPES = {"matmul": MatmulShape, "attention": AttentionShape}
+
+
+class Worker:
+    def __init__(self) -> None:
+        self._inputs: dict[tuple, tuple] = {}  # the timing inputs, kept across jobs
+
+    def inputs(self, shape, seed: int):
+        key = (shape.op, shape.key, seed)
+        if key not in self._inputs:
+            if len(self._inputs) > 4:
+                self._inputs.clear()
+            self._inputs[key] = ADAPTERS[shape.op].inputs(shape, seed)
+        return self._inputs[key]
+
+    def launcher(self, shape, inputs, config_text: str, backend: str):
+        adapter = ADAPTERS[shape.op]
+        if config_text == MLX_BUILTIN:
+            launch = adapter.builtin(shape, inputs)
+            if launch is None:
+                raise ValueError(f"MLX has no built-in {shape.op} for {shape}")
+            return launch
+        config = KernelConfig.parse(config_text, shape.op, backend)
+        return adapter.launcher(shape, inputs, config)
+
+    def verify(self, shape, config_text: str, backend: str, seed: int) -> tuple[bool, float, str]:
+        """Fresh inputs at the shape and at an odd-sized neighbour, against float64."""
+        adapter, worst = ADAPTERS[shape.op], 0.0
+        for i, variant in enumerate(adapter.variants(shape)):
+            inputs = adapter.inputs(variant, seed + 7919 * (i + 1))
+            out = self.launcher(variant, inputs, config_text, backend)()
+            check = compare(out, adapter.reference(variant, inputs), shape.dtype)
+            worst = max(worst, check.error)
+            if not check.ok:
+                return False, check.error, f"wrong result at {variant}: {check.reason}"
+        return True, worst, ""
+
+    def measure(self, job: dict) -> dict:
+        shape = SHAPES[job["op"]](**job["shape"])
+        backend, config, baseline = job["backend"], job["config"], job.get("baseline")
+        try:
+            error = None
+            if job.get("verify", True) and config != MLX_BUILTIN:
+                ok, error, reason = self.verify(shape, config, backend, job["seed"])
+                if not ok:
+                    return {"status": "wrong", "reason": reason, "error": error}
+            inputs = self.inputs(shape, job["seed"])
+            launch = self.launcher(shape, inputs, config, backend)
+            if baseline is None:
+                t = time_one(launch, job["reps"], job["warmup"])
+                return {"status": "ok", "error": error, "median_s": t.median_s, "q1_s": t.q1_s,
+                        "q3_s": t.q3_s, "min_s": t.min_s, "samples": list(t.samples)}
+            base = self.launcher(shape, inputs, baseline, backend)
+            t = time_paired(launch, base, job["reps"], job["warmup"])
+        except (ConfigError, DSLError, ValueError, RuntimeError, MemoryError) as err:
+            return {"status": "error", "reason": f"{type(err).__name__}: {err}"}
+        c = t.candidate
+        return {"status": "ok", "error": error, "median_s": c.median_s, "q1_s": c.q1_s,
+                "q3_s": c.q3_s, "min_s": c.min_s, "samples": list(c.samples),
+                "baseline_median_s": t.baseline.median_s, "ratio": t.ratio}
+
+
+def main() -> int:
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    sys.stdout = sys.stderr  # only results go to the protocol stream
+    worker = Worker()
+    protocol.write(json.dumps({"ready": True}) + "\n")
+    for line in sys.stdin:
+        job = json.loads(line)
+        try:
+            result = worker.measure(job)
+        except Exception as err:  # noqa: BLE001 — report, never die on a Python error
+            result = {"status": "error", "reason": f"{type(err).__name__}: {err}",
+                      "traceback": traceback.format_exc(limit=5)}
+        protocol.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
