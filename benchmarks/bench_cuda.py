@@ -449,13 +449,96 @@ def linear_section(dtypes, sweep):
     return rows
 
 
+# ---- markdown from recorded runs (no GPU needed) -------------------------------------
+
+
+def _load(paths):
+    header, rows = None, []
+    for path in paths:
+        for line in open(path, encoding="utf-8"):
+            r = json.loads(line)
+            header = r.get("header", header)
+            if "section" in r:
+                rows.append(r)
+    return header, rows
+
+
+def _short(config: str) -> str:
+    return config.split()[0] if config else ""
+
+
+def _first(started: set, section: str) -> bool:
+    """True the first time a section's table is written (its header goes first)."""
+    if section in started:
+        return False
+    started.add(section)
+    return True
+
+
+def report(paths) -> str:
+    """Markdown tables of recorded runs (--json files): the heuristics' choice ("ke") against
+    the baselines, and with --sweep records the best candidate too."""
+    header, rows = _load(paths)
+    bw = header["copy_bandwidth_gbs"] * 1e9 if header else float("nan")
+    out, started = [], set()
+    by = {}
+    for r in rows:
+        by.setdefault(r["section"], []).append(r)
+    for r in by.get("decode", []):
+        if _first(started, "decode"):
+            out += ["", "| decode | heads | kv | batch | kernelevo (chosen) | µs | MLX µs | torch µs | x MLX | x torch "
+                    "| K/V GB/s | % of copy |", "|" + "---|" * 12]
+        i = r["impls"]
+        ke, m, t = i["ke"], i["mlx"]["median_s"], i["torch"]["median_s"]
+        gbs = r["kv_bytes"] / ke["median_s"]
+        out.append(f"| {r['dtype']} | {r['heads']} | {r['kv']} | {r['batch']} | {_short(ke['config'])} | "
+                   f"{ke['median_s'] * 1e6:.1f} | {m * 1e6:.1f} | {t * 1e6:.1f} | {ke['speedup_vs_mlx']:.2f} | "
+                   f"{t / ke['median_s']:.2f} | {gbs / 1e9:.0f} | {gbs / bw:.0%} |")
+    for r in by.get("prefill", []):
+        if _first(started, "prefill"):
+            out += ["", "| prefill | L | causal | window | kernelevo (chosen) | ms | MLX ms | torch ms | x MLX "
+                    "| x torch | TFLOP/s |", "|" + "---|" * 11]
+        i = r["impls"]
+        ke, m, t = i["ke"], i["mlx"]["median_s"], i["torch"]["median_s"]
+        out.append(f"| {r['dtype']} | {r['L']} | {r['causal']} | {r.get('window', 0)} | {_short(ke['config'])} | "
+                   f"{ke['median_s'] * 1e3:.3f} | {m * 1e3:.3f} | {t * 1e3:.3f} | {ke['speedup_vs_mlx']:.2f} | "
+                   f"{t / ke['median_s']:.2f} | {r['flops'] / ke['median_s'] / 1e12:.0f} |")
+    for r in by.get("gemm", []):
+        if _first(started, "gemm"):
+            out += ["", "| gemm | n | transpose_b | kernelevo (chosen) | TFLOP/s | MLX TFLOP/s | torch TFLOP/s "
+                    "| best kernelevo kernel | TFLOP/s | x MLX |", "|" + "---|" * 10]
+        i = r["impls"]
+        tf = lambda t: 2 * r["n"] ** 3 / t / 1e12
+        cands = {k: v for k, v in i.items() if k.startswith("ke:")}
+        best = min(cands.values(), key=lambda v: v["median_s"]) if cands else None
+        out.append(f"| {r['dtype']} | {r['n']} | {r['transpose_b']} | {_short(i['ke']['config'])} | "
+                   f"{tf(i['ke']['median_s']):.0f} | {tf(i['mlx']['median_s']):.0f} | {tf(i['torch']['median_s']):.0f} | "
+                   + (f"{best['config']} | {tf(best['median_s']):.0f} | {best['speedup_vs_mlx']:.2f} |" if best else "| | |"))
+    for r in by.get("linear", []):
+        if _first(started, "linear"):
+            out += ["", "| linear | M | N | K | kernelevo (chosen) | µs | MLX unfused µs | MLX addmm µs "
+                    "| x unfused | x addmm |", "|" + "---|" * 10]
+        i = r["impls"]
+        ke = i["ke"]
+        addmm = statistics.median(a / k for a, k in zip(i["mlx_addmm"]["samples"], ke["samples"]))
+        out.append(f"| {r['dtype']} | {r['M']} | {r['N']} | {r['K']} | {_short(ke['config'])} | "
+                   f"{ke['median_s'] * 1e6:.1f} | {i['mlx']['median_s'] * 1e6:.1f} | "
+                   f"{i['mlx_addmm']['median_s'] * 1e6:.1f} | {ke['speedup_vs_mlx']:.2f} | {addmm:.2f} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", default="decode,prefill,gemm,linear")
     parser.add_argument("--dtypes", default="bf16,f16")
     parser.add_argument("--sweep", action="store_true", help="also time candidate configurations")
     parser.add_argument("--json", default=None, help="write every record here (JSON lines)")
+    parser.add_argument("--report", nargs="+", metavar="JSONL",
+                        help="print markdown tables of recorded runs instead of measuring")
     args = parser.parse_args(argv)
+    if args.report:
+        print(report(args.report))
+        return
     if not mx.cuda.is_available():
         sys.exit("bench_cuda needs MLX's CUDA back-end and an NVIDIA GPU")
     import torch
