@@ -115,7 +115,6 @@ def visible_pairs(L, causal):
 
 
 def prefill(cases, limits, reps):
-    import torch
     import torch.nn.functional as F
 
     rows = []

@@ -1,19 +1,26 @@
-// Prefill attention on tensor cores (FlashAttention-2's schedule): a block owns BQ query
-// rows of one head, split across WARPS warps by 16-row MMA tiles; it walks the keys BK at
-// a time through a STAGES-deep cp.async ring of K and V tiles. S = Q K^T and O += P V are
-// m16n8k16 MMAs with f32 accumulators; the softmax runs online in f32 on the S fragments,
-// which are re-packed in registers as the A operand of P V (no trip through shared
-// memory). With SKIP, key blocks that the causal/window mask hides from every row of the
-// tile are not visited; masks are evaluated only on blocks that need them.
+// Attention on tensor cores (FlashAttention-2's schedule): a block owns BQ query rows,
+// split across WARPS warps by 16-row MMA tiles; it walks its keys BK at a time through a
+// STAGES-deep cp.async ring of K and V tiles. S = Q K^T and O += P V are m16n8k16 MMAs
+// with f32 accumulators; the softmax runs online in f32 on the S fragments, which are
+// re-packed in registers as the A operand of P V (no trip through shared memory). With
+// SKIP, key blocks that the causal/window mask hides from every row of the tile are not
+// visited; masks are evaluated only on blocks that need them.
+//
+// PACK: the rows of a block are the gqa query heads of one KV head, interleaved (row r is
+// query r / gqa of head r % gqa), so K and V are read once for all of them — with BQ = 16
+// this is decode on tensor cores. SPLIT: blockIdx.z takes a slice of `chunk` keys and the
+// block writes unnormalised partials (o, m, l) for attention_merge, so few rows and long
+// caches still fill the GPU.
 #ifndef KE_ATTENTION_FLASH_CUH
 #define KE_ATTENTION_FLASH_CUH
 
 namespace ke {
 
 template <class T, class MaskT, int D, int BQ, int BK, int WARPS, int STAGES, bool SKIP,
-          bool SCALE_Q, int MASK, bool CAUSAL, bool SOFTCAP>
+          bool SCALE_Q, int MASK, bool CAUSAL, bool SOFTCAP, bool PACK, bool SPLIT>
 __device__ __forceinline__ void attention_flash(const T* q, const T* k, const T* v,
-                                                const MaskT* mask, const int* sizes, T* out) {
+                                                const MaskT* mask, const int* sizes, T* out,
+                                                float* o_part, float* ml_part) {
   constexpr int THREADS = 32 * WARPS;
   constexpr int MTW = BQ / (16 * WARPS);  // 16-row tiles per warp
   constexpr int LD = D + SMEM_PAD;
@@ -29,34 +36,44 @@ __device__ __forceinline__ void attention_flash(const T* q, const T* k, const T*
   const Scorer<SCALE_Q, SOFTCAP, MASK, CAUSAL, MaskT> score(sz);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3, mat = lane >> 3, r8 = lane & 7;
+  const int gqa = sz.Hq / sz.Hkv;
 
-  const int q_tiles = cdiv(sz.Lq, BQ);
-  const int q0 = (q_tiles - 1 - int(blockIdx.x)) * BQ;  // the tiles with most keys first
-  const int bh = blockIdx.y, b = bh / sz.Hq, qh = bh % sz.Hq;
-  const int kvh = qh / (sz.Hq / sz.Hkv);
-  const T* qb = q + long(bh) * sz.Lq * D;
+  // Rows of this block: PACK interleaves the KV head's query heads.
+  const int rows = PACK ? sz.Lq * gqa : sz.Lq;
+  const int q_tiles = cdiv(rows, BQ);
+  const int r0 = (q_tiles - 1 - int(blockIdx.x)) * BQ;  // the tiles with most keys first
+  const int b = PACK ? blockIdx.y / sz.Hkv : blockIdx.y / sz.Hq;
+  const int kvh = PACK ? blockIdx.y % sz.Hkv : (blockIdx.y % sz.Hq) / gqa;
+  const int head0 = PACK ? kvh * gqa : blockIdx.y % sz.Hq;
+  auto query_of = [&](int r) { return PACK ? r / gqa : r; };
+  auto head_of = [&](int r) { return PACK ? head0 + r % gqa : head0; };
+  auto row_of = [&](int r) { return (long(b) * sz.Hq + head_of(r)) * sz.Lq + query_of(r); };
   const T* kb = k + (long(b) * sz.Hkv + kvh) * sz.Lk * D;
   const T* vb = v + (long(b) * sz.Hkv + kvh) * sz.Lk * D;
-  T* ob = out + long(bh) * sz.Lq * D;
-  const MaskT* mbase = MASK == MASK_NONE ? nullptr : mask + long(b) * sz.mask_b + long(qh) * sz.mask_h;
 
-  // Key blocks this query tile needs.
-  int j_begin = 0, j_end = cdiv(sz.Lk, BK);
+  // Keys of this block: a slice when SPLIT; under a causal/window mask with SKIP, only
+  // blocks some row of the tile can see.
+  const int slice = SPLIT ? blockIdx.z : 0;
+  const int begin = slice * (SPLIT ? sz.chunk : 0);
+  const int end = SPLIT ? (begin + sz.chunk < sz.Lk ? begin + sz.chunk : sz.Lk) : sz.Lk;
+  const int tile_last = (r0 + BQ < rows ? r0 + BQ : rows) - 1;
+  int j_begin = 0, j_end = cdiv(end - begin, BK);
   if constexpr (SKIP && CAUSAL) {
-    const int last = sz.Lk - sz.Lq + (q0 + BQ < sz.Lq ? q0 + BQ : sz.Lq) - 1;
-    j_end = last / BK + 1 < j_end ? last / BK + 1 : j_end;
+    const int last = sz.Lk - sz.Lq + query_of(tile_last);  // the last key any row sees
+    const int j_last = last < begin ? -1 : (last - begin) / BK;
+    j_end = j_last + 1 < j_end ? j_last + 1 : j_end;
     if (sz.window > 0) {
-      const int first = sz.Lk - sz.Lq + q0 - sz.window + 1;
-      j_begin = first > 0 ? first / BK : 0;
+      const int first = sz.Lk - sz.Lq + query_of(r0) - sz.window + 1;
+      j_begin = first > begin ? (first - begin) / BK : 0;
     }
   }
   const int n_blocks = j_end - j_begin;
   const bool vec = aligned16(k) && aligned16(v);
 
   auto load_kv = [&](int jt, int slot) {
-    const int key0 = (j_begin + jt) * BK;
-    load_tile<T, BK, D, LD, THREADS>(Ks + slot * BK * LD, kb + long(key0) * D, D, sz.Lk - key0, D, vec, tid);
-    load_tile<T, BK, D, LD, THREADS>(Vs + slot * BK * LD, vb + long(key0) * D, D, sz.Lk - key0, D, vec, tid);
+    const int key0 = begin + (j_begin + jt) * BK;
+    load_tile<T, BK, D, LD, THREADS>(Ks + slot * BK * LD, kb + long(key0) * D, D, end - key0, D, vec, tid);
+    load_tile<T, BK, D, LD, THREADS>(Vs + slot * BK * LD, vb + long(key0) * D, D, end - key0, D, vec, tid);
   };
 
   // Start the first K/V tiles, then stage Q (scaled and rounded to T when SCALE_Q).
@@ -72,8 +89,8 @@ __device__ __forceinline__ void attention_flash(const T* q, const T* k, const T*
   for (int c = tid; c < BQ * D / EPV; c += THREADS) {
     const int r = c / (D / EPV), col = (c % (D / EPV)) * EPV;
     Vec16 val{{0u, 0u, 0u, 0u}};
-    if (q0 + r < sz.Lq) {
-      const T* src = qb + long(q0 + r) * D + col;
+    if (r0 + r < rows) {
+      const T* src = q + row_of(r0 + r) * D + col;
       T* e = reinterpret_cast<T*>(&val);
       if (vec_q) {
         val = *reinterpret_cast<const Vec16*>(src);
@@ -97,6 +114,24 @@ __device__ __forceinline__ void attention_flash(const T* q, const T* k, const T*
     for (int kk = 0; kk < D / 16; ++kk)
       ldmatrix_x4(qf[i][kk], Qs + (wrow + i * 16 + (mat & 1) * 8 + r8) * LD + kk * 16 + (mat >> 1) * 8);
 
+  // Each thread's rows: g and g + 8 of each of its 16-row tiles; their queries and masks.
+  const MaskT* mrow[MTW][2];
+  int qrow[MTW][2];
+#pragma unroll
+  for (int i = 0; i < MTW; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = r0 + wrow + i * 16 + g + 8 * h;
+      qrow[i][h] = r < rows ? query_of(r) : -1;  // -1: a padding row, never stored
+      mrow[i][h] = MASK == MASK_NONE || r >= rows ? nullptr
+                   : mask + long(b) * sz.mask_b + long(head_of(r)) * sz.mask_h +
+                         long(query_of(r)) * sz.mask_q;
+    }
+  // The queries the warp's rows hold, for deciding which key blocks need the mask.
+  const int warp_last = r0 + wrow + MTW * 16 - 1;
+  const int q_first = query_of(r0 + wrow < rows ? r0 + wrow : rows - 1);
+  const int q_last = query_of(warp_last < rows ? warp_last : rows - 1);
+
   float oacc[MTW][D / 8][4], m[MTW][2], l[MTW][2];
 #pragma unroll
   for (int i = 0; i < MTW; ++i) {
@@ -114,7 +149,7 @@ __device__ __forceinline__ void attention_flash(const T* q, const T* k, const T*
   auto compute = [&](int jt, int slot) {
     const T* K = Ks + slot * BK * LD;
     const T* V = Vs + slot * BK * LD;
-    const int key0 = (j_begin + jt) * BK;
+    const int key0 = begin + (j_begin + jt) * BK;
     float s[MTW][BK / 8][4];
 #pragma unroll
     for (int i = 0; i < MTW; ++i)
@@ -136,27 +171,27 @@ __device__ __forceinline__ void attention_flash(const T* q, const T* k, const T*
       }
 
     // Scores in the log2 domain; the per-element mask only where this block needs it.
-    const int pos_first = sz.Lk - sz.Lq + q0 + wrow;  // aligned key of the warp's first row
-    const int pos_last = pos_first + MTW * 16 - 1;
+    const int offset = sz.Lk - sz.Lq;
     const bool needs_mask =
-        MASK != MASK_NONE || key0 + BK > sz.Lk ||
-        (CAUSAL && (key0 + BK - 1 > pos_first || (sz.window > 0 && key0 <= pos_last - sz.window)));
+        MASK != MASK_NONE || key0 + BK > end ||
+        (CAUSAL && (key0 + BK - 1 > offset + q_first ||
+                    (sz.window > 0 && key0 <= offset + q_last - sz.window)));
 #pragma unroll
     for (int i = 0; i < MTW; ++i)
 #pragma unroll
       for (int n = 0; n < BK / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int row = q0 + wrow + i * 16 + g + (e >= 2 ? 8 : 0);
+          const int h = e >> 1;
           const int key = key0 + n * 8 + 2 * t + (e & 1);
           if (!needs_mask) {
             s[i][n][e] = score.plain(s[i][n][e]);
-          } else if (key >= sz.Lk) {
+          } else if (key >= end) {
             s[i][n][e] = -inf();
-          } else if (row >= sz.Lq) {
+          } else if (qrow[i][h] < 0) {
             s[i][n][e] = MASKED;  // a padding row: never stored
           } else {
-            s[i][n][e] = score(s[i][n][e], row, key, mbase + long(row) * sz.mask_q);
+            s[i][n][e] = score(s[i][n][e], qrow[i][h], key, mrow[i][h]);
           }
         }
 
@@ -172,11 +207,12 @@ __device__ __forceinline__ void attention_flash(const T* q, const T* k, const T*
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float c = rescale(m[i][h], mx);
         m[i][h] = mx;
+        const float base = mx == -inf() ? 0.0f : mx;  // no key yet: every weight is 0
         float sum = 0.0f;
 #pragma unroll
         for (int n = 0; n < BK / 8; ++n) {
-          s[i][n][2 * h] = fast_exp2(s[i][n][2 * h] - mx);
-          s[i][n][2 * h + 1] = fast_exp2(s[i][n][2 * h + 1] - mx);
+          s[i][n][2 * h] = fast_exp2(s[i][n][2 * h] - base);
+          s[i][n][2 * h + 1] = fast_exp2(s[i][n][2 * h + 1] - base);
           sum += s[i][n][2 * h] + s[i][n][2 * h + 1];
         }
         l[i][h] = l[i][h] * c + sum;  // this thread's share; the quad is summed at the end
@@ -239,14 +275,25 @@ __device__ __forceinline__ void attention_flash(const T* q, const T* k, const T*
       float sum = l[i][h];
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      const float inv = 1.0f / sum;
-      const int row = q0 + wrow + i * 16 + g + h * 8;
-      if (row < sz.Lq) {
+      const int r = r0 + wrow + i * 16 + g + h * 8;
+      if (r >= rows) continue;
+      const long row = row_of(r);
+      if constexpr (SPLIT) {  // unnormalised, with the row's (m, l)
+        const long at = row * sz.slices + slice;
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-          *reinterpret_cast<unsigned int*>(ob + long(row) * D + n * 8 + 2 * t) =
-              pack2<T>(oacc[i][n][2 * h] * inv, oacc[i][n][2 * h + 1] * inv);
+        for (int n = 0; n < D / 8; ++n)
+          *reinterpret_cast<float2*>(o_part + at * D + n * 8 + 2 * t) =
+              make_float2(oacc[i][n][2 * h], oacc[i][n][2 * h + 1]);
+        if (t == 0) {
+          ml_part[at * 2] = m[i][h];
+          ml_part[at * 2 + 1] = sum;
         }
+      } else {
+        const float inv = 1.0f / sum;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n)
+          *reinterpret_cast<unsigned int*>(out + row * D + n * 8 + 2 * t) =
+              pack2<T>(oacc[i][n][2 * h] * inv, oacc[i][n][2 * h + 1] * inv);
       }
     }
 }

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from kernelevo.lowering.cuda import Epilogue
+from kernelevo.features import Epilogue
 from kernelevo.ops import gpu
 from kernelevo.tune.verify import compare, random_operand, to_f64
 
@@ -96,7 +96,7 @@ MATMUL_CASES = [
 
 DECODE = "decode warps={} key_lanes={} pack_gqa={} scale_at={}"
 SPLIT = "decode_split blocks={} warps={} key_lanes={} pack_gqa={} scale_at={}"
-FLASH = "flash bq={} bk={} warps={} stages={} skip_masked_blocks={} scale_at={}"
+FLASH = "flash bq={} bk={} warps={} stages={} skip_masked_blocks={} scale_at={} pack_gqa={} kv_splits={}"
 
 ATTENTION_CASES = [
     AttentionCase(DECODE.format(2, 8, "yes", "q"), 1, 4, 2, 1, 37, 64, "f16"),
@@ -111,14 +111,25 @@ ATTENTION_CASES = [
     AttentionCase(SPLIT.format(8, 2, 16, "no", "q"), 1, 4, 2, 2, 150, 128, "bf16", mask="bool", softcap=20.0),
     AttentionCase(SPLIT.format(16, 4, 32, "yes", "scores"), 1, 6, 3, 1, 517, 128, "f32", mask="additive",
                   mask_shape=(1, 6, 1, 517)),
-    AttentionCase(FLASH.format(32, 16, 2, 2, "yes", "q"), 1, 2, 1, 50, 50, 64, "bf16"),
-    AttentionCase(FLASH.format(32, 32, 1, 1, "yes", "scores"), 1, 2, 2, 70, 90, 64, "f16", mask="causal"),
-    AttentionCase(FLASH.format(64, 16, 4, 3, "no", "q"), 2, 2, 1, 70, 70, 128, "bf16", mask="causal", window=20),
-    AttentionCase(FLASH.format(64, 64, 4, 2, "yes", "q"), 1, 4, 1, 100, 130, 128, "bf16", mask="causal", window=37),
-    AttentionCase(FLASH.format(16, 32, 1, 2, "yes", "scores"), 1, 2, 1, 33, 47, 64, "bf16", mask="bool",
+    # the last slice has fewer keys than the block has lanes: warps and groups without a key
+    AttentionCase(SPLIT.format(64, 4, 4, "yes", "q"), 1, 6, 3, 1, 500, 64, "f32"),
+    AttentionCase(FLASH.format(32, 16, 2, 2, "yes", "q", "no", 1), 1, 2, 1, 50, 50, 64, "bf16"),
+    AttentionCase(FLASH.format(32, 32, 1, 1, "yes", "scores", "no", 1), 1, 2, 2, 70, 90, 64, "f16", mask="causal"),
+    AttentionCase(FLASH.format(64, 16, 4, 3, "no", "q", "no", 1), 2, 2, 1, 70, 70, 128, "bf16", mask="causal", window=20),
+    AttentionCase(FLASH.format(64, 64, 4, 2, "yes", "q", "no", 1), 1, 4, 1, 100, 130, 128, "bf16", mask="causal", window=37),
+    AttentionCase(FLASH.format(16, 32, 1, 2, "yes", "scores", "no", 1), 1, 2, 1, 33, 47, 64, "bf16", mask="bool",
                   softcap=30.0),
-    AttentionCase(FLASH.format(32, 32, 2, 2, "yes", "q"), 1, 2, 1, 40, 40, 80, "f16", mask="additive",
+    AttentionCase(FLASH.format(32, 32, 2, 2, "yes", "q", "no", 1), 1, 2, 1, 40, 40, 80, "f16", mask="additive",
                   mask_shape=(1, 2, 40, 40)),
+    # decode on tensor cores: GQA rows packed into one 16-row tile, keys split across blocks
+    AttentionCase(FLASH.format(16, 64, 1, 2, "yes", "q", "yes", 4), 2, 8, 2, 1, 300, 128, "bf16"),
+    AttentionCase(FLASH.format(16, 32, 1, 3, "yes", "scores", "yes", 8), 1, 16, 2, 1, 200, 64, "f16",
+                  mask="bool", mask_shape=(1, 16, 1, 200)),
+    AttentionCase(FLASH.format(16, 16, 1, 2, "yes", "q", "yes", 1), 1, 6, 2, 3, 77, 128, "bf16", mask="causal"),
+    AttentionCase(FLASH.format(32, 32, 2, 2, "yes", "q", "yes", 3), 1, 8, 2, 9, 130, 64, "f16", mask="causal",
+                  window=50, softcap=10.0),
+    AttentionCase(FLASH.format(64, 64, 4, 2, "yes", "scores", "no", 2), 1, 4, 2, 50, 180, 64, "bf16",
+                  mask="additive", mask_shape=(1, 4, 50, 180)),
 ]
 
 
@@ -212,3 +223,67 @@ def run_attention_case(case: AttentionCase, rng, stream=None):
 def assert_close(out, ref, dtype):
     check = compare(out, ref, dtype)
     assert check.ok, check.reason
+
+
+GRAD_CASES = [
+    MatmulCase(GEMM.format(32, 32, 32, 1, 2, 2, 0, "fused"), 20, 24, 32, a_batch=(3,)),
+    MatmulCase(GEMM.format(32, 32, 32, 1, 2, 2, 0, "fused"), 20, 24, 40, ta=True, tb=False,
+               a_batch=(2,), b_batch=(2,)),
+    MatmulCase(GEMM.format(32, 32, 32, 1, 2, 2, 0, "fused"), 20, 24, 32, b_batch=(2,),
+               epilogue=Epilogue(bias=True, activation="silu", residual=True, alpha=2.0)),
+    MatmulCase("gemv warps=2 rows=2 vec=4 epilogue=separate", 3, 40, 48,
+               epilogue=Epilogue(bias=True, activation="relu")),
+]
+
+
+def run_matmul_grad_case(case: MatmulCase, rng, stream=None):
+    """[(gradient, float64 reference)] of sum(g * y) for y the case's product and epilogue,
+    with respect to a, b and (when present) bias and residual."""
+    a_shape = case.a_batch + ((case.K, case.M) if case.ta else (case.M, case.K))
+    b_shape = case.b_batch + ((case.N, case.K) if case.tb else (case.K, case.N))
+    out_batch = tuple(np.broadcast_shapes(case.a_batch, case.b_batch))
+    ep = case.epilogue
+    a, b = _operand(rng, a_shape, case.dtype), _operand(rng, b_shape, case.dtype)
+    bias = _operand(rng, (case.N,), case.dtype) if ep.bias else None
+    residual = _operand(rng, out_batch + (case.M, case.N), case.dtype) if ep.residual else None
+    g = _operand(rng, out_batch + (case.M, case.N), case.dtype)
+    args = [a, b] + ([bias] if ep.bias else []) + ([residual] if ep.residual else [])
+
+    def loss(*xs):
+        it = iter(xs[2:])
+        y = gpu.matmul(xs[0], xs[1], transpose_a=case.ta, transpose_b=case.tb, config=case.config,
+                       epilogue=ep, bias=next(it) if ep.bias else None,
+                       residual=next(it) if ep.residual else None, stream=stream)
+        return (y.astype(mx.float32) * g.astype(mx.float32)).sum()
+
+    grads = mx.grad(loss, argnums=tuple(range(len(args))))(*args)
+    A = to_f64(a)
+    A = np.swapaxes(A, -1, -2) if case.ta else A
+    B = to_f64(b)
+    B = np.swapaxes(B, -1, -2) if case.tb else B
+    z = A @ B * (ep.alpha if ep.alpha is not None else 1.0) + (to_f64(bias) if ep.bias else 0.0)
+    dz = to_f64(g)
+    if ep.activation == "relu":
+        dz = dz * (z > 0)
+    elif ep.activation == "silu":
+        sig = 1 / (1 + np.exp(-z))
+        dz = dz * sig * (1 + z * (1 - sig))
+    dp = dz * (ep.alpha if ep.alpha is not None else 1.0)
+    dA = dp @ np.swapaxes(B, -1, -2)
+    dB = np.swapaxes(A, -1, -2) @ dp
+    da = np.swapaxes(dA, -1, -2) if case.ta else dA
+    db = np.swapaxes(dB, -1, -2) if case.tb else dB
+    da = _reduce_to(da, a_shape)
+    db = _reduce_to(db, b_shape)
+    refs = [da, db]
+    if ep.bias:
+        refs.append(dz.reshape(-1, case.N).sum(0))
+    if ep.residual:
+        refs.append(to_f64(g))
+    return list(zip(grads, refs))
+
+
+def _reduce_to(x, shape):
+    while x.ndim > len(shape):
+        x = x.sum(0)
+    return x

@@ -13,7 +13,7 @@ from cuda_cases import AttentionCase, MatmulCase
 from kernelevo.config import KernelConfig
 from kernelevo.families import families_for
 from kernelevo.features import attention_features, matmul_features
-from kernelevo.lowering.cuda import Epilogue
+from kernelevo.features import Epilogue
 from metal_emulated import CHIPS
 
 GEMM = "gemm bm={} bn={} bk={} wm={} wn={} swizzle={} epilogue={}"

@@ -11,7 +11,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from cuda_cases import ATTENTION_CASES, MATMUL_CASES, assert_close, run_attention_case, run_matmul_case
+from cuda_cases import (ATTENTION_CASES, GRAD_CASES, MATMUL_CASES, assert_close, run_attention_case,
+                        run_matmul_case, run_matmul_grad_case)
 from cudaemu.harness import run_kernel
 from kernelevo import chips
 from kernelevo.ops import gpu
@@ -68,3 +69,9 @@ def test_attention_kernels(case, emulated, rng):
     assert_close(out, ref, case.dtype)
     assert emulated.launched
 
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=str)
+def test_matmul_gradients(case, emulated, rng):
+    for grad, ref in run_matmul_grad_case(case, rng):
+        assert_close(grad, ref, case.dtype)

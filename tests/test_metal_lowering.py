@@ -15,7 +15,7 @@ from kernelevo.families import families_for
 from kernelevo.features import attention_features, matmul_features
 from kernelevo.lowering import metal as lowering
 from kernelevo.lowering import template_dir
-from kernelevo.lowering.cuda import Epilogue
+from kernelevo.features import Epilogue
 from metal_emulated import CHIPS
 
 M1 = CHIPS["m1"]

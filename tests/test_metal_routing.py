@@ -16,7 +16,7 @@ import kernelevo as ke
 from cuda_cases import assert_close, attention_reference, epilogue_reference
 from kernelevo import heuristics
 from kernelevo.features import attention_features, matmul_features
-from kernelevo.lowering.cuda import Epilogue
+from kernelevo.features import Epilogue
 from kernelevo.ops import gpu
 from kernelevo.tune.verify import random_operand, to_f64
 from metal_emulated import CHIPS, pretend_metal

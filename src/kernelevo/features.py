@@ -6,6 +6,7 @@ tables; nothing else lists them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -95,3 +96,53 @@ def attention_features(*, batch: int, heads: int, kv_heads: int, q_len: int, kv_
             "gqa": int(heads) // int(kv_heads), "q_len": int(q_len), "kv_len": int(kv_len),
             "head_dim": int(head_dim), "dtype": dtype, "causal": mask == "causal", "mask": mask,
             "softcap": float(softcap), "window": int(window)}
+
+
+#: epilogue activations, and the code each GPU template's ACT argument gives them
+ACTIVATIONS: dict[str, int] = {"none": 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4}
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """y = activation(alpha * (a @ b) + bias) + residual; bias is [N], residual the shape
+    of the product."""
+
+    bias: bool = False
+    activation: str = "none"
+    residual: bool = False
+    alpha: float | None = None
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; expected one of "
+                             f"{', '.join(ACTIVATIONS)}")
+
+    @property
+    def kind(self) -> str:
+        """The matmul feature `epilogue`: none, one kind, or mixed."""
+        parts = [name for name, on in (("bias", self.bias), ("activation", self.activation != "none"),
+                                       ("residual", self.residual), ("scale", self.alpha is not None)) if on]
+        return parts[0] if len(parts) == 1 else ("mixed" if parts else "none")
+
+    @property
+    def empty(self) -> bool:
+        return self.kind == "none"
+
+    def template_args(self) -> tuple[tuple[str, int | bool], ...]:
+        return (("HAS_BIAS", self.bias), ("ACT", ACTIVATIONS[self.activation]),
+                ("HAS_RESIDUAL", self.residual), ("HAS_SCALE", self.alpha is not None))
+
+    def tag(self) -> str:
+        return f"ep{int(self.bias)}{ACTIVATIONS[self.activation]}{int(self.residual)}{int(self.alpha is not None)}"
+
+    def inputs(self) -> tuple[str, ...]:
+        return (("bias",) if self.bias else ()) + (("residual",) if self.residual else ())
+
+    def pointers(self) -> str:
+        null = "static_cast<const T*>(nullptr)"
+        return f"{'bias' if self.bias else null}, {'residual' if self.residual else null}"
+
+
+def is_causal(call: Mapping) -> bool:
+    """Keys after a query's aligned position are hidden: a causal mask, or a window."""
+    return call["mask"] == "causal" or call["window"] > 0

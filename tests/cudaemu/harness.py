@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kernelevo.lowering import LoweredKernel, Plan, template
+from kernelevo.lowering import LoweredKernel, Plan
+from kernelevo.lowering.cuda import header as cuda_header
 from kernelevo.lowering.cuda import mlx_source
 
 HERE = Path(__file__).resolve().parent
@@ -53,7 +54,7 @@ def _cache_dir() -> Path:
 
 def build(kernel: LoweredKernel, input_dtypes: tuple[str, ...]) -> Path:
     """Compiles the kernel for the emulator (cached by the source's hash)."""
-    ptx = template("cuda", "ke_ptx.cuh")
+    ptx = cuda_header("ke_ptx.cuh")
     assert ptx in kernel.header, "every kernel header includes ke_ptx.cuh"
     header = kernel.header.replace(ptx, '#include "emu_ptx.h"\n')
     func, unit = mlx_source(kernel, input_dtypes, prelude='#include "emu.h"\n', header=header)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from .cuda_matmul import SMEM_PAD
-from .gpu_common import SCALE_AT, builtin, itemsize, threads_fit
+from .gpu_common import CAUSAL_ALIGNMENT, SCALE_AT, builtin, itemsize, threads_fit
 from .schema import Constraint, Family, Param
 
 MAX_SLICES = 1024  # split-KV slices the merge kernel holds (cuda/attention_decode.cuh)
@@ -32,15 +32,6 @@ def decode_smem(p, call) -> int:
     return p["warps"] * decode_rows(p, call) * (call["head_dim"] + 2) * 4
 
 
-def is_causal(call) -> bool:
-    """Keys after a query's aligned position are hidden: a causal mask, or a window."""
-    return call["mask"] == "causal" or call["window"] > 0
-
-
-_causal_alignment = Constraint(
-    "q_len <= kv_len when causal or windowed (every query sees a key)",
-    lambda p, chip, call: not is_causal(call) or call["q_len"] <= call["kv_len"], on_call=True)
-
 _pack_gqa = Param("pack_gqa", "bool", "one block serves all query heads of a KV head, so K and "
                   "V are read once per KV head")
 _key_lanes = Param("key_lanes", "int", "lanes sharing one key (each holds head_dim / key_lanes "
@@ -59,14 +50,16 @@ _decode_constraints = (
                on_call=True),
     Constraint("warps * rows * (head_dim + 2) * 4 <= chip.threadgroup_memory",
                lambda p, chip, call: decode_smem(p, call) <= chip.threadgroup_memory, on_call=True),
-    _causal_alignment,
+    CAUSAL_ALIGNMENT,
 )
 
 CUDA_FLASH = Family(
     op="attention", backend="cuda", name="flash",
-    doc="Prefill flash attention on tensor cores: a bq-row query tile per block (16 rows per "
-        "MMA tile, split across the warps), keys bk at a time through a `stages`-deep cp.async "
-        "pipeline, online softmax in f32 on the score fragments.",
+    doc="Flash attention on tensor cores: a bq-row query tile per block (16 rows per MMA "
+        "tile, split across the warps), keys bk at a time through a `stages`-deep cp.async "
+        "pipeline, online softmax in f32 on the score fragments. With pack_gqa the rows are "
+        "all query heads of a KV head and with kv_splits the keys are sliced across blocks: "
+        "bq=16 makes it decode on tensor cores.",
     params=(
         Param("bq", "int", "query rows per block", allowed=(16, 32, 64, 128)),
         Param("bk", "int", "keys per step", allowed=(16, 32, 64, 128)),
@@ -75,6 +68,10 @@ CUDA_FLASH = Family(
         Param("skip_masked_blocks", "bool", "skip key blocks the causal or window mask hides "
               "from the whole query tile (no: visit and mask them)"),
         SCALE_AT,
+        Param("pack_gqa", "bool", "a block's rows are the query heads of one KV head, "
+              "interleaved, so K and V are read once for all of them"),
+        Param("kv_splits", "int", "slices of the keys, each a block whose partial softmax a "
+              "second kernel merges (1: one pass)", lo=1, hi=MAX_SLICES, search=(1, 4, 16, 64)),
     ),
     constraints=(
         Constraint("bq % (16 * warps) == 0", lambda p, chip, call: p["bq"] % (16 * p["warps"]) == 0),
@@ -90,7 +87,7 @@ CUDA_FLASH = Family(
                    on_call=True),
         Constraint("dtype in {f16, bf16} (tensor-core MMA)",
                    lambda p, chip, call: call["dtype"] in ("f16", "bf16"), on_call=True),
-        _causal_alignment,
+        CAUSAL_ALIGNMENT,
     ),
 )
 

@@ -128,8 +128,8 @@ CUDA_GEMV = Family(
     constraints=(
         threads_fit(lambda p: 32 * p["warps"], "32 * warps threads"),
         Constraint("M <= 16", lambda p, chip, call: call["M"] <= 16, on_call=True),
-        Constraint("pow2ceil(M) * max(rows, vec) <= 64 and 2 * pow2ceil(M) * max(rows, vec) "
-                   "+ 40 <= 65536 / (32 * warps) (accumulators in registers)",
+        Constraint("2 * pow2ceil(M) * max(rows, vec) + 40 <= min(168, 65536 / (32 * warps)) "
+                   "(accumulators in registers)",
                    lambda p, chip, call: gemv_registers(p, call) <= min(168, 65536 // (32 * p["warps"])),
                    on_call=True),
         Constraint("(warps - 1) * pow2ceil(M) * 32 * vec * 4 <= chip.threadgroup_memory when "

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..features import is_causal
 from .schema import Constraint, Family, Param
 
 ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
@@ -38,3 +39,7 @@ def builtin(op: str, backend: str) -> Family:
 SCALE_AT = Param("scale_at", "choice", "multiply the queries by the softmax scale as they are "
                  "loaded (q: once per query element) or every score (scores: no rounding of "
                  "scaled low-precision queries)", choices=("q", "scores"))
+
+CAUSAL_ALIGNMENT = Constraint(
+    "q_len <= kv_len when causal or windowed (every query sees a key)",
+    lambda p, chip, call: not is_causal(call) or call["q_len"] <= call["kv_len"], on_call=True)

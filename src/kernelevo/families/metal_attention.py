@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from .cuda_attention import is_causal  # the same masking semantics on every GPU backend
-from .gpu_common import SCALE_AT, builtin, itemsize, memory_fit, threads_fit
+from .gpu_common import CAUSAL_ALIGNMENT, SCALE_AT, builtin, itemsize, memory_fit, threads_fit
 from .schema import Constraint, Family, Param
 
 HEAD_DIMS = (64, 72, 80, 96, 128, 192, 256)
@@ -51,9 +50,7 @@ METAL_FLASH = Family(
         memory_fit(flash_tile_bytes, "(bq + bk) * (head_dim + 16 / itemsize) * itemsize"),
         Constraint("head_dim in {64, 72, 80, 96, 128, 192, 256}",
                    lambda p, chip, call: call["head_dim"] in HEAD_DIMS, on_call=True),
-        Constraint("q_len <= kv_len when causal or windowed (every query sees a key)",
-                   lambda p, chip, call: not is_causal(call) or call["q_len"] <= call["kv_len"],
-                   on_call=True),
+        CAUSAL_ALIGNMENT,
     ),
 )
 

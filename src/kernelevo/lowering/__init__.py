@@ -13,6 +13,7 @@ run in order, later ones reading earlier ones' outputs by name.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -66,3 +67,12 @@ def template(backend: str, *files: str) -> str:
     """The named template files, concatenated in order (a kernel's header)."""
     folder = template_dir(backend)
     return "\n".join((folder / f).read_text(encoding="utf-8") for f in files)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def f32_bits(x: float) -> int:
+    """A float's bit pattern as an int32 (how f32 scalars ride in `sizes`)."""
+    return struct.unpack("<i", struct.pack("<f", float(x)))[0]

@@ -7,76 +7,35 @@ argument (`constexpr` in the body MLX writes); see lowering/__init__.py for the 
 
 from __future__ import annotations
 
-import struct
-from dataclasses import dataclass
+import re
 from functools import lru_cache
 
 from ..config import KernelConfig
-from ..families.cuda_attention import MAX_SLICES, decode_rows, decode_smem, flash_smem, is_causal
+from ..families.cuda_attention import MAX_SLICES, decode_rows, decode_smem, flash_smem
 from ..families.cuda_matmul import gemm_smem, gemv_smem, pow2ceil
-from . import LoweredKernel, Plan, template
+from ..features import Epilogue, is_causal
+from . import LoweredKernel, Plan, cdiv, f32_bits, template
 
 BACKEND = "cuda"
 MX_DTYPE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
-ACTIVATIONS = {"none": 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4}
 MAX_GRID_YZ = 65535
 MERGE_THREADS = 128
 
 _COMMON = ("ke_common.cuh", "ke_ptx.cuh")
-GEMM_HEADER = _COMMON + ("gemm.cuh",)
+GEMM_HEADER = _COMMON + ("tile.cuh", "gemm.cuh")
 GEMV_HEADER = _COMMON + ("gemv.cuh",)
-DECODE_HEADER = _COMMON + ("gemm.cuh", "attention_common.cuh", "attention_decode.cuh")
-FLASH_HEADER = _COMMON + ("gemm.cuh", "attention_common.cuh", "attention_flash.cuh")
+DECODE_HEADER = _COMMON + ("attention_common.cuh", "attention_decode.cuh")
+MERGE_HEADER = _COMMON + ("attention_common.cuh", "attention_merge.cuh")
+FLASH_HEADER = _COMMON + ("tile.cuh", "attention_common.cuh", "attention_flash.cuh")
 
 
-def f32_bits(x: float) -> int:
-    """A float's bit pattern as an int32 (how f32 scalars ride in `sizes`)."""
-    return struct.unpack("<i", struct.pack("<f", float(x)))[0]
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-@dataclass(frozen=True)
-class Epilogue:
-    """y = activation(alpha * (a @ b) + bias) + residual; bias is [N], residual the shape
-    of the product."""
-
-    bias: bool = False
-    activation: str = "none"
-    residual: bool = False
-    alpha: float | None = None
-
-    def __post_init__(self):
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; expected one of "
-                             f"{', '.join(ACTIVATIONS)}")
-
-    @property
-    def kind(self) -> str:
-        """The matmul feature `epilogue`: none, one kind, or mixed."""
-        parts = [name for name, on in (("bias", self.bias), ("activation", self.activation != "none"),
-                                       ("residual", self.residual), ("scale", self.alpha is not None)) if on]
-        return parts[0] if len(parts) == 1 else ("mixed" if parts else "none")
-
-    @property
-    def empty(self) -> bool:
-        return self.kind == "none"
-
-    def template_args(self) -> tuple[tuple[str, int | bool], ...]:
-        return (("HAS_BIAS", self.bias), ("ACT", ACTIVATIONS[self.activation]),
-                ("HAS_RESIDUAL", self.residual), ("HAS_SCALE", self.alpha is not None))
-
-    def tag(self) -> str:
-        return f"ep{int(self.bias)}{ACTIVATIONS[self.activation]}{int(self.residual)}{int(self.alpha is not None)}"
-
-    def inputs(self) -> tuple[str, ...]:
-        return (("bias",) if self.bias else ()) + (("residual",) if self.residual else ())
-
-    def pointers(self) -> str:
-        null = "static_cast<const T*>(nullptr)"
-        return f"{'bias' if self.bias else null}, {'residual' if self.residual else null}"
+@lru_cache(maxsize=None)
+def header(*files: str) -> str:
+    """Template files as a kernel's header, without comments and blank lines: MLX copies
+    and hashes a CUDA kernel's whole source on every launch (the templates keep no // inside
+    string literals)."""
+    lines = (re.sub(r"\s*//.*$", "", line).rstrip() for line in template(BACKEND, *files).splitlines())
+    return "\n".join(line for line in lines if line) + "\n"
 
 
 def _check_grid(grid: tuple[int, int, int], what: str) -> tuple[int, int, int]:
@@ -142,7 +101,7 @@ def _lower_matmul(config: KernelConfig, features: tuple, epilogue: Epilogue, a_b
                 f"HAS_BIAS, ACT, HAS_RESIDUAL, HAS_SCALE>(a, b, {kernel_epilogue.pointers()}, sizes, out);")
         kernel = LoweredKernel(
             name=_name(config, layout, kernel_epilogue.tag()), backend=BACKEND, source=body,
-            header=template(BACKEND, *GEMM_HEADER),
+            header=header(*GEMM_HEADER),
             input_names=("a", "b") + kernel_epilogue.inputs() + ("sizes",), output_names=("out",),
             template_args=(("T", MX_DTYPE[dtype]),) + tile_args + kernel_epilogue.template_args(),
             grid=grid, threadgroup=(threads, 1, 1), shared_memory=smem,
@@ -154,7 +113,7 @@ def _lower_matmul(config: KernelConfig, features: tuple, epilogue: Epilogue, a_b
             "sizes, partials);")
     partial = LoweredKernel(
         name=_name(config, layout), backend=BACKEND, source=body,
-        header=template(BACKEND, *GEMM_HEADER), input_names=("a", "b", "sizes"),
+        header=header(*GEMM_HEADER), input_names=("a", "b", "sizes"),
         output_names=("partials",), template_args=(("T", MX_DTYPE[dtype]),) + tile_args,
         grid=grid, threadgroup=(threads, 1, 1), shared_memory=smem,
         output_shapes=((parts, batch, M, N),), output_dtypes=("float32",), sizes=sizes)
@@ -163,7 +122,7 @@ def _lower_matmul(config: KernelConfig, features: tuple, epilogue: Epilogue, a_b
         name=f"splitk_reduce_{dtype}_{kernel_epilogue.tag()}", backend=BACKEND,
         source=(f"ke::splitk_reduce<T, HAS_BIAS, ACT, HAS_RESIDUAL, HAS_SCALE>(partials, "
                 f"{kernel_epilogue.pointers()}, sizes, out);"),
-        header=template(BACKEND, *GEMM_HEADER),
+        header=header(*GEMM_HEADER),
         input_names=("partials",) + kernel_epilogue.inputs() + ("sizes",), output_names=("out",),
         template_args=(("T", MX_DTYPE[dtype]),) + kernel_epilogue.template_args(),
         grid=_check_grid((cdiv(M * N, reduce_threads) * reduce_threads, batch, 1), config.to_dsl()),
@@ -181,7 +140,7 @@ def _gemv(config, p, M, N, K, batch, dtype, tb, epilogue, alpha, a_batched, b_ba
             f"(a, b, {epilogue.pointers()}, sizes, out);")
     return LoweredKernel(
         name=_name(config, f"{dtype}_mb{mb}_tb{int(tb)}", epilogue.tag()), backend=BACKEND,
-        source=body, header=template(BACKEND, *GEMV_HEADER),
+        source=body, header=header(*GEMV_HEADER),
         input_names=("a", "b") + epilogue.inputs() + ("sizes",), output_names=("out",),
         template_args=(("T", MX_DTYPE[dtype]), ("MB", mb), ("WARPS", warps), ("ROWS", rows),
                        ("VEC", vec), ("TRANS_B", tb)) + epilogue.template_args(),
@@ -233,18 +192,30 @@ def _lower_attention(config: KernelConfig, features: tuple, scale: float, mask_d
                 *mask_strides, slices, chunk)
 
     if config.family == "flash":
-        bq, bk, warps, stages = p["bq"], p["bk"], p["warps"], p["stages"]
-        body = ("ke::attention_flash<T, MaskT, D, BQ, BK, WARPS, STAGES, SKIP, SCALE_Q, MASK, "
-                f"CAUSAL, SOFTCAP>(q, k, v, {mask_arg}, sizes, out);")
+        bq, bk, warps, stages, pack = p["bq"], p["bk"], p["warps"], p["stages"], bool(p["pack_gqa"])
+        rows = Lq * (Hq // Hkv if pack else 1)
+        chunk = cdiv(cdiv(Lk, p["kv_splits"]), bk) * bk
+        slices = cdiv(Lk, chunk)
+        split = slices > 1
+        outs = ("o_part, ml_part);" if split else
+                "static_cast<float*>(nullptr), static_cast<float*>(nullptr));")
+        body = ("ke::attention_flash<T, MaskT, D, BQ, BK, WARPS, STAGES, SKIP, SCALE_Q, MASK, CAUSAL, "
+                f"SOFTCAP, PACK, SPLIT>(q, k, v, {mask_arg}, sizes, "
+                + ("static_cast<T*>(nullptr), " if split else "out, ") + outs)
         kernel = LoweredKernel(
-            name=_name(config, tag), backend=BACKEND, source=body,
-            header=template(BACKEND, *FLASH_HEADER), input_names=inputs, output_names=("out",),
+            name=_name(config, tag, f"split{int(split)}"), backend=BACKEND, source=body,
+            header=header(*FLASH_HEADER), input_names=inputs,
+            output_names=("o_part", "ml_part") if split else ("out",),
             template_args=common_args + (("BQ", bq), ("BK", bk), ("WARPS", warps),
-                                         ("STAGES", stages), ("SKIP", p["skip_masked_blocks"])) + flags,
-            grid=_check_grid((cdiv(Lq, bq) * 32 * warps, B * Hq, 1), config.to_dsl()),
+                                         ("STAGES", stages), ("SKIP", p["skip_masked_blocks"])) + flags
+            + (("PACK", pack), ("SPLIT", split)),
+            grid=_check_grid((cdiv(rows, bq) * 32 * warps, B * (Hkv if pack else Hq), slices), config.to_dsl()),
             threadgroup=(32 * warps, 1, 1), shared_memory=flash_smem(p, f),
-            output_shapes=(out_shape,), output_dtypes=(MX_DTYPE[dtype],), sizes=sizes())
-        return Plan((kernel,))
+            output_shapes=((B * Hq * Lq, slices, D), (B * Hq * Lq, slices, 2)) if split else (out_shape,),
+            output_dtypes=("float32", "float32") if split else (MX_DTYPE[dtype],),
+            sizes=sizes(slices, chunk))
+        return Plan((kernel, _merge(dtype, D, B * Hq * Lq, out_shape, sizes(slices, chunk), config)) if split
+                    else (kernel,))
 
     if config.family not in ("decode", "decode_split"):
         raise ValueError(f"no CUDA kernel for the attention family {config.family!r}")
@@ -265,7 +236,7 @@ def _lower_attention(config: KernelConfig, features: tuple, scale: float, mask_d
                "out, static_cast<float*>(nullptr), static_cast<float*>(nullptr));"))
     first = LoweredKernel(
         name=_name(config, tag, f"r{rows}"), backend=BACKEND, source=body,
-        header=template(BACKEND, *DECODE_HEADER), input_names=inputs,
+        header=header(*DECODE_HEADER), input_names=inputs,
         output_names=("o_part", "ml_part") if split else ("out",),
         template_args=decode_args,
         grid=_check_grid((slices * threads, heads, 1), config.to_dsl()), threadgroup=(threads, 1, 1),
@@ -275,15 +246,19 @@ def _lower_attention(config: KernelConfig, features: tuple, scale: float, mask_d
         sizes=sizes(slices, chunk))
     if not split:
         return Plan((first,))
-    merge = LoweredKernel(
+    return Plan((first, _merge(dtype, D, B * Hq * Lq, out_shape, sizes(slices, chunk), config)))
+
+
+def _merge(dtype: str, D: int, rows: int, out_shape, sizes, config) -> LoweredKernel:
+    """The second pass of split-KV attention: one block per output row merges the slices."""
+    return LoweredKernel(
         name=f"attention_merge_{dtype}_d{D}", backend=BACKEND,
         source="ke::attention_merge<T, D>(o_part, ml_part, sizes, out);",
-        header=template(BACKEND, *DECODE_HEADER), input_names=("o_part", "ml_part", "sizes"),
+        header=header(*MERGE_HEADER), input_names=("o_part", "ml_part", "sizes"),
         output_names=("out",), template_args=(("T", MX_DTYPE[dtype]), ("D", D)),
-        grid=_check_grid((B * Hq * Lq * MERGE_THREADS, 1, 1), config.to_dsl()),
+        grid=_check_grid((rows * MERGE_THREADS, 1, 1), config.to_dsl()),
         threadgroup=(MERGE_THREADS, 1, 1), shared_memory=(MAX_SLICES + 32) * 4,
-        output_shapes=(out_shape,), output_dtypes=(MX_DTYPE[dtype],), sizes=sizes(slices, chunk))
-    return Plan((first, merge))
+        output_shapes=(out_shape,), output_dtypes=(MX_DTYPE[dtype],), sizes=sizes)
 
 
 # ---- the source MLX compiles ---------------------------------------------------------

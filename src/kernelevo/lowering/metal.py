@@ -14,10 +14,10 @@ from __future__ import annotations
 from functools import lru_cache
 
 from ..config import KernelConfig
-from ..families.metal_attention import flash_tile_bytes, is_causal
+from ..families.metal_attention import flash_tile_bytes
 from ..families.metal_matmul import gemm_tile_bytes
-from . import LoweredKernel, Plan, template
-from .cuda import Epilogue, cdiv, f32_bits
+from ..features import Epilogue, is_causal
+from . import LoweredKernel, Plan, cdiv, f32_bits, template
 
 BACKEND = "metal"
 MX_DTYPE = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}

@@ -14,6 +14,7 @@ from .. import chips
 from ..config import KernelConfig
 from ..dsl.select import Selection
 from ..features import attention_features
+from . import gpu
 from ._runtime import as_config, backend_of_device, explain, ext, select, selection_cache, stream_backend
 
 _cache = selection_cache()
@@ -66,6 +67,9 @@ def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float,
     "flash bq=64 bk=96 threads=2 pack_gqa=yes skip_masked_blocks=yes scale_at=q dot=fma"); by default
     the heuristics in force for this chip choose.
     """
+    if stream_backend(stream) in gpu.GPU_BACKENDS:
+        return gpu.attention(q, k, v, scale=scale, mask=mask, softcap=softcap, window=window,
+                             config=config, stream=stream)
     if config is None:
         return ext.attention(q, k, v, scale=scale, mask=mask, softcap=softcap, window=window,
                              stream=stream)
@@ -79,6 +83,12 @@ def attention_launcher(q: mx.array, k: mx.array, v: mx.array, config: KernelConf
     """A function that builds `attention(q, k, v, ..., config=config)` with the checks done
     once up front, so that timing loops measure the kernel rather than Python."""
     backend = stream_backend(stream)
+    if backend in gpu.GPU_BACKENDS:
+        cfg = as_config(config, "attention", gpu.require_gpu("attention"))
+        kwargs = dict(scale=scale, mask=mask, softcap=softcap, window=window, config=cfg,
+                      stream=stream)
+        gpu.attention(q, k, v, **kwargs)  # validates once
+        return lambda: gpu.attention(q, k, v, **kwargs)
     cfg = as_config(config, "attention", backend)
     cfg.check(chips.detect(backend), call_features(q, k, v, mask=mask, softcap=softcap,
                                                    window=window))

@@ -20,7 +20,7 @@ from ..features import DTYPE_SYMBOL, attention_features, matmul_features
 from ..lowering import LoweredKernel, Plan
 from ..lowering import cuda as cuda_lowering
 from ..lowering import metal as metal_lowering
-from ..lowering.cuda import Epilogue
+from ..features import Epilogue
 from ._runtime import BackendNotSupportedError, as_config, ext, select, selection_cache
 
 GPU_BACKENDS = ("cuda", "metal")
@@ -107,16 +107,20 @@ def apply_epilogue(y: mx.array, ep: Epilogue, bias: mx.array | None, residual: m
 
 
 def _activation(y, name, stream):
-    if name == "relu":
-        return mx.maximum(y, mx.array(0, dtype=y.dtype), stream=stream)
-    if name == "silu":
-        return mx.multiply(y, mx.sigmoid(y, stream=stream), stream=stream)
-    if name == "gelu":
-        return mx.multiply(y * 0.5, 1 + mx.erf(y * (1 / math.sqrt(2)), stream=stream), stream=stream)
-    if name == "gelu_tanh":
-        inner = math.sqrt(2 / math.pi) * (y + 0.044715 * y * y * y)
-        return mx.multiply(y * 0.5, 1 + mx.tanh(inner, stream=stream), stream=stream)
-    return y
+    """MLX's own activations (mlx.nn: compiled into one kernel each), as an MLX model runs them."""
+    import mlx.nn as nn
+
+    with mx.stream(stream) if stream is not None else _no_stream():
+        return {"relu": nn.relu, "silu": nn.silu, "gelu": nn.gelu, "gelu_tanh": nn.gelu_approx,
+                "none": lambda x: x}[name](y)
+
+
+class _no_stream:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 @dataclass(frozen=True)
@@ -214,8 +218,21 @@ def matmul(a: mx.array, b: mx.array, *, transpose_a: bool = False, transpose_b: 
 
     @product.vjp
     def product_vjp(primals, cotangent, output):
-        return _matmul_vjp(a, b, transpose_a, transpose_b, epilogue if fused else Epilogue(),
-                           bias, residual, cotangent, stream)
+        x, w = primals[0], primals[1]
+        dy, extra_grads = cotangent, []
+        if fused:  # through the epilogue first, in MLX ops, from the recomputed product
+            plain = matmul(x, w, transpose_a=transpose_a, transpose_b=transpose_b, stream=stream)
+            rest = list(primals[2:])
+
+            def tail(p, *args):
+                it = iter(args)
+                return apply_epilogue(p, epilogue, next(it) if epilogue.bias else None,
+                                      next(it) if epilogue.residual else None, stream)
+
+            _, grads = mx.vjp(tail, [plain.reshape(call.out_shape)] + rest, [cotangent])
+            dy, extra_grads = grads[0], list(grads[1:])
+        dy = dy.reshape((call.batch, call.M, call.N) if call.batch > 1 else (call.M, call.N))
+        return list(product_grads(x, w, transpose_a, transpose_b, dy, stream)) + extra_grads
 
     y = product(a2, b2, *extras)
     if plan.pending is not None:
@@ -223,40 +240,16 @@ def matmul(a: mx.array, b: mx.array, *, transpose_a: bool = False, transpose_b: 
     return y
 
 
-def _matmul_vjp(a, b, ta, tb, ep, bias, residual, cotangent, stream):
-    """Gradients of activation(alpha * op(a) @ op(b) + bias) + residual with respect to the
-    custom function's inputs (a, b, then bias and residual when fused), by kernelevo ops."""
+def product_grads(x, w, ta, tb, dy, stream):
+    """Gradients of y = op(x) @ op(w) by kernelevo matmuls: with A = op(x), B = op(w),
+    dA = dy B^T and dB = A^T dy, transposed back where x or w were."""
     from .matmul_op import matmul as ke_matmul
 
-    if not ep.empty:
-        plain = matmul(a, b, transpose_a=ta, transpose_b=tb, stream=stream)
-        primals = [plain] + ([bias] if ep.bias else []) + ([residual] if ep.residual else [])
-
-        def tail(p, *rest):
-            it = iter(rest)
-            return apply_epilogue(p, ep, next(it) if ep.bias else None,
-                                  next(it) if ep.residual else None, stream)
-
-        _, grads = mx.vjp(tail, primals, [cotangent])
-        d_plain, extra_grads = grads[0], list(grads[1:])
-    else:
-        d_plain, extra_grads = cotangent, []
-    # y = A' B' with A' = op(a), B' = op(b): dA' = dy B'^T, dB' = A'^T dy.
-    a2 = a.reshape(1, -1) if a.ndim == 1 else a
-    b2 = b.reshape(-1, 1) if b.ndim == 1 else b
-    dy = d_plain
-    if a.ndim == 1:
-        dy = mx.expand_dims(dy, -2)
-    if b.ndim == 1:
-        dy = mx.expand_dims(dy, -1)
-    # a stored transposed: da = dA'^T = B' dy^T; b stored transposed: db = dB'^T = dy^T A'.
-    da = ke_matmul(b2, dy, transpose_a=tb, transpose_b=True, stream=stream) if ta else \
-        ke_matmul(dy, b2, transpose_b=not tb, stream=stream)
-    db = ke_matmul(dy, a2, transpose_a=True, transpose_b=ta, stream=stream) if tb else \
-        ke_matmul(a2, dy, transpose_a=not ta, stream=stream)
-    da = _sum_to(da, a2.shape).reshape(a.shape)
-    db = _sum_to(db, b2.shape).reshape(b.shape)
-    return [da, db] + extra_grads
+    dx = ke_matmul(w, dy, transpose_a=tb, transpose_b=True, stream=stream) if ta else \
+        ke_matmul(dy, w, transpose_b=not tb, stream=stream)
+    dw = ke_matmul(dy, x, transpose_a=True, transpose_b=ta, stream=stream) if tb else \
+        ke_matmul(x, dy, transpose_a=not ta, stream=stream)
+    return _sum_to(dx, x.shape), _sum_to(dw, w.shape)
 
 
 def _sum_to(x: mx.array, shape) -> mx.array:

@@ -12,7 +12,7 @@ import mlx.core as mx
 from .. import chips
 from ..config import KernelConfig
 from ..dsl.select import Selection
-from ..features import matmul_features
+from ..features import Epilogue, matmul_features
 from . import gpu
 from ._runtime import as_config, backend_of_device, explain, ext, select, selection_cache, stream_backend
 
@@ -76,24 +76,23 @@ def matmul(a: mx.array, b: mx.array, *, transpose_a: bool = False, transpose_b: 
 
 
 def _epilogue_args(bias, activation, residual, scale) -> dict:
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a number, not {type(scale).__name__}")
+    """The extension's epilogue arguments (the CPU kernels read them as given)."""
+    _gpu_epilogue(bias, activation, residual, scale)  # validates the activation and scale
     return {"bias": bias, "activation": "none" if activation is None else activation,
             "residual": residual, "scale": 1.0 if scale is None else float(scale)}
 
 
-def _gpu_epilogue(bias, activation, residual, scale) -> gpu.Epilogue:
-    return gpu.Epilogue(bias=bias is not None, activation=activation or "none",
-                        residual=residual is not None,
-                        alpha=None if scale is None or float(scale) == 1.0 else float(scale))
+def _gpu_epilogue(bias, activation, residual, scale) -> Epilogue:
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a number, not {type(scale).__name__}")
+    return Epilogue(bias=bias is not None, activation=activation or "none",
+                    residual=residual is not None,
+                    alpha=None if scale is None or float(scale) == 1.0 else float(scale))
 
 
 def epilogue_kind(bias=None, activation=None, residual=None, scale=None) -> str:
     """The call feature `epilogue` for these arguments (as the extension computes it)."""
-    parts = {"scale": scale is not None and float(scale) != 1.0, "bias": bias is not None,
-             "activation": activation not in (None, "none"), "residual": residual is not None}
-    chosen = [name for name, present in parts.items() if present]
-    return "none" if not chosen else chosen[0] if len(chosen) == 1 else "mixed"
+    return _gpu_epilogue(bias, activation, residual, scale).kind
 
 
 def matmul_launcher(a: mx.array, b: mx.array, config: KernelConfig | str, *,

@@ -138,13 +138,27 @@ class Database:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._enable_wal()
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA busy_timeout=60000")
         self._migrate()
 
     def close(self) -> None:
         self._conn.close()
+
+    def _enable_wal(self, patience_s: float = 60.0) -> None:
+        """Switch the file to write-ahead logging. Changing the journal mode takes an exclusive
+        lock for which SQLite does not wait (no busy handler): when two runs open a new
+        database at once, the one that loses the race retries here."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def __enter__(self) -> Database:
         return self
