@@ -1,4 +1,4 @@
-"""ke.matmul, ke.linear and the attention op on a Metal device: the real routing, selection
+"""ke.matmul, ke.linear and ke.attention on a Metal device: the real routing, selection
 (the shipped apple-*.kevo for the chip) and lowering, with only the launch — MLX's
 fast::metal_kernel — replaced at the boundary by the MSL emulator. Results are checked
 against float64; the configuration that ran must be the one the heuristics chose."""
@@ -65,7 +65,7 @@ def _attention_call(chip, monkeypatch, B, Hq, Hkv, Lq, Lk, D, dtype="f16", mask=
     launch = pretend_metal(monkeypatch, chip)
     q = random_operand((B, Hq, Lq, D), dtype, 7)
     k, v = random_operand((B, Hkv, Lk, D), dtype, 8), random_operand((B, Hkv, Lk, D), dtype, 9)
-    out = gpu.attention(q, k, v, scale=1 / math.sqrt(D), mask=mask)
+    out = ke.attention(q, k, v, scale=1 / math.sqrt(D), mask=mask)
     kind = "causal" if mask == "causal" else "none"
     config = chosen(chip, "attention", attention_features(batch=B, heads=Hq, kv_heads=Hkv, q_len=Lq, kv_len=Lk,
                                                           head_dim=D, dtype=dtype, mask=kind))
