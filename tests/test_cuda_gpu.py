@@ -139,25 +139,26 @@ def test_attention_as_chosen(B, Hq, Hkv, Lq, Lk, mask, rng):
     assert_close(out, ref, case.dtype)
 
 
-@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,mask", [(1, 32, 8, 1, 4096, None), (2, 16, 4, 300, 300, "causal")])
-def test_public_attention_runs_the_gpu_kernels(B, Hq, Hkv, Lq, Lk, mask, rng, monkeypatch):
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,mask,window", [(8, 16, 8, 1, 1024, None, 0),
+                                                        (1, 16, 4, 300, 300, "causal", 128)])
+def test_public_attention_runs_the_gpu_kernels(B, Hq, Hkv, Lq, Lk, mask, window, rng, monkeypatch):
     """ke.attention on a GPU stream: the heuristics' kernel, not the CPU extension."""
     from cuda_cases import attention_reference
 
     q, k, v = (mx.array(rng.standard_normal(s).astype(np.float32)).astype(mx.bfloat16)
                for s in ((B, Hq, Lq, 128), (B, Hkv, Lk, 128), (B, Hkv, Lk, 128)))
     features = attention_features(batch=B, heads=Hq, kv_heads=Hkv, q_len=Lq, kv_len=Lk,
-                                  head_dim=128, dtype="bf16", mask=mask or "none")
+                                  head_dim=128, dtype="bf16", mask=mask or "none", window=window)
     config = gpu.select_attention_config(features)
     assert config.family != "mlx", "the shipped rules should pick a kernelevo kernel here"
     launched = []
     real_launch = gpu.launch_kernel
     monkeypatch.setattr(gpu, "launch_kernel", lambda kernel, *a, **kw: launched.append(kernel.name) or real_launch(kernel, *a, **kw))
-    out = ke.attention(q, k, v, scale=128 ** -0.5, mask=mask)
+    out = ke.attention(q, k, v, scale=128 ** -0.5, mask=mask, window=window or None)
     mx.eval(out)
     assert launched and launched[0].startswith(config.family), launched
-    assert_close(out, attention_reference(q, k, v, 128 ** -0.5, mask or "none", mask, 0, 0), "bf16")
-    forced = ke.attention(q, k, v, scale=128 ** -0.5, mask=mask, config=config)
+    assert_close(out, attention_reference(q, k, v, 128 ** -0.5, mask or "none", mask, 0, window), "bf16")
+    forced = ke.attention(q, k, v, scale=128 ** -0.5, mask=mask, window=window or None, config=config)
     assert mx.array_equal(out, forced).item()
 
 

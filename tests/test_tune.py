@@ -70,6 +70,18 @@ def test_other_chips_are_refused():
     assert "can only be timed on itself" in result.stderr
 
 
+def test_a_gpu_backend_this_machine_lacks_is_refused():
+    if mx.cuda.is_available() or mx.metal.is_available():
+        missing = "metal" if mx.cuda.is_available() else "cuda"
+    else:
+        missing = "cuda"
+    result = run_cli("tune", "--backend", missing, "--workload", "tiny")
+    assert result.returncode == 2
+    assert f"cannot time {missing} kernels here" in result.stderr
+    unknown = run_cli("tune", "--backend", "vulkan", "--workload", "tiny")
+    assert unknown.returncode == 2 and "unknown backend 'vulkan'" in unknown.stderr
+
+
 def test_presets_are_real_layer_shapes():
     qwen = PRESETS["qwen3-0.6b"]
     shapes = {(s.M, s.N, s.K) for s in qwen.for_op("matmul")}

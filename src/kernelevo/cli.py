@@ -180,8 +180,16 @@ def tune(chip: str = typer.Option("auto", help="'auto' (this machine's chip) or 
     from .tune.search import STRATEGIES
 
     backend = backend or chips_mod.default_backend()
+    if backend not in ("cpu", "cuda", "metal"):
+        _fail(f"unknown backend {backend!r}; expected cpu, cuda or metal", 2)
     if backend != "cpu":
-        _fail(f"kernelevo cannot time {backend} kernels yet; tune the CPU with --backend cpu")
+        from .ops import BackendNotSupportedError, gpu
+
+        try:
+            if gpu.require_gpu("tune") != backend:
+                raise BackendNotSupportedError(f"this machine's GPU is not a {backend} device")
+        except BackendNotSupportedError as error:
+            _fail(f"cannot time {backend} kernels here: {error}", 2)
     local = chips_mod.detect(backend)
     if chip not in ("auto", local.id):
         _fail(f"a chip can only be timed on itself: this machine's {backend} chip is {local.id}, "

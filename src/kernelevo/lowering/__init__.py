@@ -13,6 +13,7 @@ run in order, later ones reading earlier ones' outputs by name.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
@@ -67,6 +68,19 @@ def template(backend: str, *files: str) -> str:
     """The named template files, concatenated in order (a kernel's header)."""
     folder = template_dir(backend)
     return "\n".join((folder / f).read_text(encoding="utf-8") for f in files)
+
+
+@lru_cache(maxsize=None)
+def templates_hash(backend: str) -> str:
+    """A digest of what decides a GPU kernel's code: the backend's template files and its
+    lowering module. Measurements are keyed by it, so editing either retires them."""
+    digest = hashlib.sha256()
+    folder = template_dir(backend)
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    digest.update((Path(__file__).parent / f"{backend}.py").read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def cdiv(a: int, b: int) -> int:

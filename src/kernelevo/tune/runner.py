@@ -29,6 +29,7 @@ from ..config import KernelConfig
 from ..dsl import parse
 from ..dsl.select import CompiledProgram
 from ..families import families_for
+from ..lowering import templates_hash
 from ..paths import tuned_heuristics_path
 from .db import MLX_BUILTIN, Database, Measurement
 from .distill import Distilled, distill
@@ -102,9 +103,11 @@ class TuneResult:
 
 
 def template_hash(backend: str) -> str:
+    """What the measurements of `backend` are valid for: the compiled CPU kernels' source
+    hash, or the GPU templates' and lowering's."""
     if backend == "cpu":
         return ops._ext.build_info()["cpu_kernel_hash"]
-    raise ValueError(f"kernelevo cannot time {backend} kernels yet")
+    return templates_hash(backend)
 
 
 def shape_json(shape: Shape) -> str:

@@ -15,6 +15,8 @@ import os
 import sys
 import traceback
 
+import mlx.core as mx
+
 from ..config import ConfigError, KernelConfig
 from ..dsl import DSLError
 from .adapters import ADAPTERS
@@ -63,6 +65,8 @@ class Worker:
     def measure(self, job: dict) -> dict:
         shape = SHAPES[job["op"]](**job["shape"])
         backend, config, baseline = job["backend"], job["config"], job.get("baseline")
+        # Candidates, the baseline and MLX's op all run on the device of the tuned backend.
+        mx.set_default_device(mx.cpu if backend == "cpu" else mx.gpu)
         try:
             error = None
             if job.get("verify", True) and config != MLX_BUILTIN:
