@@ -90,3 +90,28 @@ def test_presets_are_real_layer_shapes():
     attention = qwen.for_op("attention")
     assert {(a.heads, a.kv_heads, a.head_dim) for a in attention} == {(16, 8, 128)}
     assert {a.q_len for a in attention} == {1, 256, 1024} and {a.mask for a in attention if a.q_len > 1} == {"causal"}
+
+
+def test_verification_skips_an_odd_neighbour_the_configuration_cannot_serve(monkeypatch):
+    """gemv holds at most 64 rows: verified at M=64, its M=65 neighbour is not a failure,
+    but a wrong result at the shape itself still is."""
+    from dataclasses import replace
+
+    from kernelevo.tune.adapters import ADAPTERS
+    from kernelevo.tune.worker import Worker
+
+    monkeypatch.setattr(ADAPTERS["matmul"], "variants", lambda s: [s, replace(s, M=65)])
+    shape = MatmulShape(64, 96, 80, "f32", transpose_b=False)
+    config = f"gemv nb=128 kb=256 threads={LOCAL.cores} epilogue=fused"
+    ok, error, reason = Worker().verify(shape, config, "cpu", seed=3)
+    assert ok and error < 1e-5, reason
+    monkeypatch.setattr(ADAPTERS["matmul"], "reference", lambda s, inputs: 2 * (to_f64_pair(inputs)))
+    ok, _, reason = Worker().verify(shape, config, "cpu", seed=3)
+    assert not ok and "wrong result at" in reason
+
+
+def to_f64_pair(inputs):
+    from kernelevo.tune.verify import to_f64
+
+    a, b = (to_f64(x) for x in inputs)
+    return a @ b

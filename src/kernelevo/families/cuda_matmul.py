@@ -51,6 +51,12 @@ _warp_tiling = (
     Constraint("bn % (16 * wn) == 0 (pairs of 8-column fragments per warp)",
                lambda p, chip, call: p["bn"] % (16 * p["wn"]) == 0),
     threads_fit(lambda p: 32 * p["wm"] * p["wn"], "32 * wm * wn threads"),
+    # ptxas gives a thread up to 255 registers and 256 x 255 fits a block's 65536, so a
+    # block of 256 threads always launches. A larger one does not when the kernel needs more
+    # than 65536 / threads (splitk bm=256 bn=64 bk=64 wm=4 wn=4: 162 registers x 512
+    # threads on an H200), and MLX does not report the failed launch: the output is garbage.
+    Constraint("wm * wn <= 8 (at most 256 threads: any register count launches)",
+               lambda p, chip, call: p["wm"] * p["wn"] <= 8),
     Constraint("bm * bn / threads + 96 <= min(224 if threads >= 128 else 160, 65536 / threads), "
                "threads = 32 * wm * wn (accumulators plus working registers within a thread's "
                "255 and the block's 65536)",

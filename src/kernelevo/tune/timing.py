@@ -1,7 +1,8 @@
 """Timing in the process that runs the kernel, as DESIGN.md asks: warm-up, repetitions,
 medians with spread, candidate and baseline interleaved (A B, B A, ...) so that drift
 of the machine cancels in the per-pair ratio, and small kernels timed in batches of
-launches per evaluation so the figure is not Python's overhead.
+launches per evaluation, the graph built before the clock starts, so the figure is not
+Python's overhead.
 """
 
 from __future__ import annotations
@@ -43,16 +44,27 @@ class PairedTiming:
 
 
 def _sample(launch: Launch, n: int) -> float:
+    """Seconds per launch of n launches in one evaluation. The graph is built before the
+    clock starts: what is timed is the kernels (and the back-end's dispatch of them), not
+    the Python that describes them — which a model hides behind the GPU's work (MLX's
+    asynchronous evaluation) or removes (mx.compile)."""
+    outputs = [launch() for _ in range(n)]
+    mx.synchronize()
     start = time.perf_counter()
-    mx.eval([launch() for _ in range(n)])
+    mx.eval(outputs)
+    mx.synchronize()
     return (time.perf_counter() - start) / n
 
 
 def _batch_size(launch: Launch) -> int:
-    once = _sample(launch, 1)
-    if once >= MIN_SAMPLE_SECONDS:
-        return 1
-    return int(min(MAX_BATCH, max(1, MIN_SAMPLE_SECONDS / max(once, 1e-7))))
+    """Launches per sample: doubled (after a warm-up launch) until a sample takes
+    MIN_SAMPLE_SECONDS, so the evaluation's fixed cost (tens of microseconds on a GPU) is
+    a small share of what is timed."""
+    _sample(launch, 1)
+    n = 1
+    while n < MAX_BATCH and _sample(launch, n) * n < MIN_SAMPLE_SECONDS:
+        n *= 2
+    return n
 
 
 def _summary(samples: list[float], n: int) -> Timing:
@@ -70,7 +82,8 @@ def time_one(launch: Launch, reps: int = 5, warmup: int = 1) -> Timing:
 
 
 def time_paired(candidate: Launch, baseline: Launch, reps: int = 5, warmup: int = 1) -> PairedTiming:
-    nc, nb = _batch_size(candidate), _batch_size(baseline)
+    # One batch size for both, so that both carry the same share of the fixed cost.
+    nc = nb = max(_batch_size(candidate), _batch_size(baseline))
     for _ in range(warmup):
         _sample(candidate, nc)
         _sample(baseline, nb)
