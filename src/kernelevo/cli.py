@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .tune import DEFAULT_CANDIDATES
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Autotuned matmul and attention kernels for MLX, steered by .kevo heuristics.")
 db_app = typer.Typer(no_args_is_help=True, help="The tuning database.")
@@ -165,7 +167,7 @@ def tune(chip: str = typer.Option("auto", help="'auto' (this machine's chip) or 
          model: Optional[Path] = typer.Option(None, help="derive the workload from a Hugging Face / mlx-lm config.json"),
          shapes: Optional[Path] = typer.Option(None, help="a JSON file of explicit shapes"),
          strategy: str = typer.Option("evolve", help="evolve, random or exhaustive"),
-         candidates: int = typer.Option(16, help="configurations searched per shape, besides the shipped one"),
+         candidates: int = typer.Option(DEFAULT_CANDIDATES, help="configurations searched per shape, besides the shipped one"),
          reps: int = typer.Option(5, help="timed repetitions per configuration (paired with the baseline)"),
          time_budget: Optional[float] = typer.Option(None, help="stop searching after this many seconds"),
          seed: int = typer.Option(0, help="seed of the search"),

@@ -27,6 +27,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     labels = [r["label"] or r["shape_key"] for r in rows]
     fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.6))
@@ -39,6 +40,8 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_yticks(list(y), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2gx"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("speedup (log scale; > 1 is faster)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")

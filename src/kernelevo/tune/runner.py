@@ -31,6 +31,7 @@ from ..dsl.select import CompiledProgram
 from ..families import families_for
 from ..lowering import templates_hash
 from ..paths import tuned_heuristics_path
+from . import DEFAULT_CANDIDATES
 from .db import MLX_BUILTIN, Database, Measurement
 from .distill import Distilled, distill
 from .pool import DEFAULT_COMMAND, WorkerPool
@@ -43,7 +44,7 @@ Progress = Callable[[int, int, str], None]
 @dataclass(frozen=True)
 class TuneSettings:
     strategy: str = "evolve"
-    candidates: int = 16  # configurations searched per shape, besides the shipped one
+    candidates: int = DEFAULT_CANDIDATES  # configurations searched per shape, besides the shipped one
     reps: int = 5
     warmup: int = 1
     seed: int = 0

@@ -135,7 +135,7 @@ def model_workload(arch: Architecture, *, tokens: tuple[int, ...] = (1, 16, 128)
         assert dtype in DTYPES, dtype
         for m in tokens:
             for name, (n, k) in arch.linear_layers().items():
-                shape = MatmulShape(m, n, k, dtype, label=f"{arch.name} {name}, {m} tokens")
+                shape = MatmulShape(m, n, k, dtype, label=f"{arch.name} {name}, {m} tokens, {dtype}")
                 if shape not in seen:
                     seen.add(shape)
                     shapes.append(shape)
@@ -144,11 +144,11 @@ def model_workload(arch: Architecture, *, tokens: tuple[int, ...] = (1, 16, 128)
         for length in prefill:
             window = arch.window if 0 < arch.window < length else 0
             shapes.append(AttentionShape(q_len=length, kv_len=length, mask="causal", window=window,
-                                         label=f"{arch.name} prefill {length}", **common))
+                                         label=f"{arch.name} prefill {length}, {dtype}", **common))
         for context in contexts:
             window = arch.window if 0 < arch.window < context else 0
             shapes.append(AttentionShape(q_len=1, kv_len=context, window=window,
-                                         label=f"{arch.name} decode at {context}", **common))
+                                         label=f"{arch.name} decode at {context}, {dtype}", **common))
     return Workload(arch.name, description or f"{arch.name}: projections at {tokens} tokens, "
                     f"prefill {prefill}, decode at {contexts}, {'/'.join(dtypes)}", tuple(shapes))
 
