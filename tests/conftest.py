@@ -21,6 +21,22 @@ def isolated_dirs(tmp_path, monkeypatch):
     kernelevo.forget_selections()
 
 
+@pytest.fixture(autouse=True)
+def cpu_by_default(request):
+    """Tests not marked `gpu` are about the CPU backend (or emulate a GPU at the launch
+    boundary): they run with the CPU as MLX's default device on any machine, so a machine
+    with a GPU runs the same suite as CI."""
+    if request.node.get_closest_marker("gpu"):
+        yield
+        return
+    import mlx.core as mx
+
+    before = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(before)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -28,6 +28,11 @@ from .workloads import AttentionShape, MatmulShape
 SHAPES = {"matmul": MatmulShape, "attention": AttentionShape}
 
 
+def use_backend(backend: str) -> None:
+    """Candidates, the baseline and MLX's op all run on the device of the tuned backend."""
+    mx.set_default_device(mx.cpu if backend == "cpu" else mx.gpu)
+
+
 class Worker:
     def __init__(self) -> None:
         self._inputs: dict[tuple, tuple] = {}  # the timing inputs, kept across jobs
@@ -41,6 +46,7 @@ class Worker:
         return self._inputs[key]
 
     def launcher(self, shape, inputs, config_text: str, backend: str):
+        use_backend(backend)
         adapter = ADAPTERS[shape.op]
         if config_text == MLX_BUILTIN:
             launch = adapter.builtin(shape, inputs)
@@ -52,6 +58,7 @@ class Worker:
 
     def verify(self, shape, config_text: str, backend: str, seed: int) -> tuple[bool, float, str]:
         """Fresh inputs at the shape and at an odd-sized neighbour, against float64."""
+        use_backend(backend)
         adapter, worst = ADAPTERS[shape.op], 0.0
         for i, variant in enumerate(adapter.variants(shape)):
             inputs = adapter.inputs(variant, seed + 7919 * (i + 1))
@@ -71,8 +78,6 @@ class Worker:
     def measure(self, job: dict) -> dict:
         shape = SHAPES[job["op"]](**job["shape"])
         backend, config, baseline = job["backend"], job["config"], job.get("baseline")
-        # Candidates, the baseline and MLX's op all run on the device of the tuned backend.
-        mx.set_default_device(mx.cpu if backend == "cpu" else mx.gpu)
         try:
             error = None
             if job.get("verify", True) and config != MLX_BUILTIN:
