@@ -237,12 +237,12 @@ def test_forced_configuration_is_the_one_in_the_graph(rng):
 
 def test_bad_shapes_and_dtypes_raise_value_error(rng):
     a, b = operand(rng, (3, 4), "f32"), operand(rng, (5, 6), "f32")
-    with pytest.raises(ValueError, match="inner dimensions differ"):
+    with pytest.raises(ValueError, match=r"inner dimensions differ: a \(\d+, \d+\) has"):
         ke.matmul(a, b)
     with pytest.raises(ValueError, match="cannot be broadcast"):
         ke.matmul(operand(rng, (2, 3, 4), "f32"), operand(rng, (3, 4, 5), "f32"))
-    with pytest.raises(ValueError, match="float32, float16 and bfloat16"):
-        ke.matmul(mx.ones((2, 2), dtype=mx.int32), mx.ones((2, 2), dtype=mx.int32))
+    with pytest.raises(ValueError, match="float32, float16 and bfloat16; got int32 and uint8"):
+        ke.matmul(mx.ones((2, 2), dtype=mx.int32), mx.ones((2, 2), dtype=mx.uint8))
     with pytest.raises(ValueError, match="at least one dimension"):
         ke.matmul(mx.array(1.0), b)
 

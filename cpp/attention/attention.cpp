@@ -3,10 +3,10 @@
 #include <cmath>
 #include <limits>
 #include <memory>
-#include <sstream>
 
 #include "attention/cpu_attention.h"
 #include "common/errors.h"
+#include "common/text.h"
 #include "mlx/backend/cpu/encoder.h"
 
 namespace kernelevo {
@@ -16,14 +16,6 @@ namespace {
 AttentionSelector& selector() {
   static AttentionSelector* instance = new AttentionSelector();  // outlives teardown
   return *instance;
-}
-
-std::string shape_str(const mx::Shape& shape) {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
-  os << (shape.size() == 1 ? ",)" : ")");
-  return os.str();
 }
 
 [[noreturn]] void fail(const std::string& message) {
@@ -100,9 +92,7 @@ AttentionCall describe_attention(const mx::array& q, const mx::array& k, const m
   }
   const mx::Dtype dtype = mx::promote_types(mx::promote_types(q.dtype(), k.dtype()), v.dtype());
   if (dtype != mx::float32 && dtype != mx::float16 && dtype != mx::bfloat16) {
-    std::ostringstream os;
-    os << "supports float32, float16 and bfloat16 inputs; q, k and v promote to " << dtype;
-    fail(os.str());
+    fail("supports float32, float16 and bfloat16 inputs; q, k and v promote to " + dtype_str(dtype));
   }
   const AttentionMask kind = mask_kind(mask);
   if (auto* m = std::get_if<mx::array>(&mask)) {
@@ -117,9 +107,8 @@ AttentionCall describe_attention(const mx::array& q, const mx::array& k, const m
       }
     }
     if (kind == AttentionMask::additive && mx::promote_types(m->dtype(), dtype) != dtype) {
-      std::ostringstream os;
-      os << "an additive mask must promote to the inputs' type " << dtype << "; got " << m->dtype();
-      fail(os.str());
+      fail("an additive mask must promote to the inputs' type " + dtype_str(dtype) + "; got " +
+           dtype_str(m->dtype()));
     }
   }
   if (softcap && !(*softcap > 0.0f && std::isfinite(*softcap))) {

@@ -1,22 +1,20 @@
 #include "common/config.h"
 
-#include <sstream>
 #include <stdexcept>
 
 namespace kernelevo {
 
 std::string KernelConfig::to_string() const {
-  std::ostringstream os;
-  os << family;
+  std::string text = family;  // std::string, not a stream: see common/text.h
   for (const auto& [name, value] : params) {
-    os << " " << name << "=";
+    text += " " + name + "=";
     if (auto* i = std::get_if<int64_t>(&value)) {
-      os << *i;
+      text += std::to_string(*i);
     } else {
-      os << std::get<std::string>(value);
+      text += std::get<std::string>(value);
     }
   }
-  return os.str();
+  return text;
 }
 
 ConfigReader::ConfigReader(const KernelConfig& config, const char* what)

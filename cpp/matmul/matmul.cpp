@@ -1,9 +1,9 @@
 #include "matmul/matmul.h"
 
 #include <numeric>
-#include <sstream>
 
 #include "common/errors.h"
+#include "common/text.h"
 #include "matmul/cpu_gemm.h"
 #include "mlx/backend/cpu/encoder.h"
 
@@ -14,14 +14,6 @@ namespace {
 MatmulSelector& selector() {
   static MatmulSelector* instance = new MatmulSelector();  // outlives interpreter teardown
   return *instance;
-}
-
-std::string shape_str(const mx::Shape& shape) {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
-  os << (shape.size() == 1 ? ",)" : ")");
-  return os.str();
 }
 
 mx::Shape broadcast_batch(const mx::Shape& a, const mx::Shape& b) {
@@ -127,10 +119,8 @@ MatmulCall describe_matmul(const mx::Shape& a_shape, const mx::Shape& b_shape,
   }
   mx::Dtype dtype = mx::promote_types(a_dtype, b_dtype);
   if (dtype != mx::float32 && dtype != mx::float16 && dtype != mx::bfloat16) {
-    std::ostringstream os;
-    os << "[kernelevo.matmul] supports float32, float16 and bfloat16; got " << a_dtype
-       << " and " << b_dtype;
-    throw std::invalid_argument(os.str());
+    throw std::invalid_argument("[kernelevo.matmul] supports float32, float16 and bfloat16; got " +
+                                dtype_str(a_dtype) + " and " + dtype_str(b_dtype));
   }
   const size_t na = a_shape.size(), nb = b_shape.size();
   int64_t M = na == 1 ? 1 : a_shape[transpose_a ? na - 1 : na - 2];
