@@ -1,6 +1,7 @@
 """The tuner's guarantees: resume after kill -9, containment of crashing, hanging and wrong
 kernels, concurrent runs on one database, schema migration, distillation fidelity."""
 
+import dataclasses
 import json
 import math
 import os
@@ -39,7 +40,11 @@ def cli(*args, **kw):
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ), **kw)
 
 
-def test_faulty_candidates_are_recorded_and_never_chosen():
+def test_faulty_candidates_are_recorded_and_never_chosen(monkeypatch):
+    # The search space depends on the core count (threads=1..cores): pin it to two cores so
+    # the exhaustive walk meets the planted faults on any machine.
+    two_cores = dataclasses.replace(LOCAL, cores=2)
+    monkeypatch.setattr(chips, "detect", lambda backend="cpu": two_cores)
     settings = TuneSettings(strategy="exhaustive", candidates=40, reps=2, warmup=0, confirm=2,
                             job_timeout_s=8)
     command = [sys.executable, FAULTY, "crash=nr=32+threads=1+split=m",
