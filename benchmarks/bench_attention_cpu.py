@@ -42,7 +42,7 @@ from machine_limits import load_or_measure  # noqa: E402
 import kernelevo as ke  # noqa: E402
 from kernelevo import chips  # noqa: E402
 from kernelevo.tune.timing import time_one, time_paired  # noqa: E402
-from kernelevo.tune.verify import TOLERANCE  # noqa: E402
+from kernelevo.tune.correctness import TOLERANCE  # noqa: E402
 
 RESULTS_MD = HERE / "RESULTS.md"
 BEGIN, END = "<!-- bench_attention_cpu: begin -->", "<!-- bench_attention_cpu: end -->"

@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from kernelevo.ops import matmul_launcher
 from kernelevo.tune.timing import _sample, time_paired
-from kernelevo.tune.verify import random_operand
+from kernelevo.tune.correctness import random_operand
 
 
 def main() -> None:

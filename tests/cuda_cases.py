@@ -1,7 +1,7 @@
 """The CUDA kernels' test matrix, shared by the emulated tests (test_cuda_emulated.py, CPU)
 and the GPU tests (test_cuda_gpu.py): every family over configurations and shapes — odd
 sizes, transposes, batches, GQA ratios, masks, softcap, windows, f16/bf16/f32 — each
-checked against a float64 reference in the dtype that runs (tune/verify.py's tolerances).
+checked against a float64 reference in the dtype that runs (tune/correctness.py's tolerances).
 
 Cases run through kernelevo.ops.gpu (the op layer: shapes, batching, epilogues, masks,
 lowering, launch); where that launches is the caller's choice.
@@ -17,7 +17,7 @@ import numpy as np
 
 from kernelevo.features import Epilogue
 from kernelevo.ops import gpu
-from kernelevo.tune.verify import compare, random_operand, to_f64
+from kernelevo.tune.correctness import compare, random_operand, to_f64
 
 
 @dataclass(frozen=True)

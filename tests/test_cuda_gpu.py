@@ -120,7 +120,7 @@ def test_linear_as_chosen(M, N, K, dtype, rng):
     bias = mx.array(rng.standard_normal(N).astype(np.float32)).astype(x.dtype)
     out = ke.linear(x, w, bias, activation="gelu")
     from cuda_cases import epilogue_reference
-    from kernelevo.tune.verify import to_f64
+    from kernelevo.tune.correctness import to_f64
     ref = epilogue_reference(to_f64(x) @ to_f64(w).T, Epilogue(bias=True, activation="gelu"), bias, None)
     assert_close(out, ref, case.dtype)
     plain = ke.matmul(x, w, transpose_b=True)
@@ -174,7 +174,7 @@ def test_non_contiguous_inputs_are_read_correctly(rng):
     a = mx.array(rng.standard_normal((64, 96)).astype(np.float32)).astype(mx.float16)
     w = mx.array(rng.standard_normal((128, 64)).astype(np.float32)).astype(mx.float16)
     out = ke.matmul(a.T, w.T, config="gemm bm=32 bn=32 bk=32 wm=1 wn=2 stages=2 swizzle=0 epilogue=fused")
-    from kernelevo.tune.verify import to_f64
+    from kernelevo.tune.correctness import to_f64
     assert_close(out, to_f64(a).T @ to_f64(w).T, "f16")
 
 

@@ -22,7 +22,7 @@ from kernelevo.families.metal_attention import flash_tile_bytes
 from kernelevo.families.metal_matmul import gemm_tile_bytes
 from kernelevo.features import attention_features, matmul_features
 from kernelevo.lowering import metal as lowering
-from kernelevo.tune.verify import random_operand
+from kernelevo.tune.correctness import random_operand
 from metal_cases import (ATTENTION_CASES, MATMUL_CASES, sampled_attention_cases, sampled_matmul_cases,
                          shipped_attention_cases, shipped_matmul_cases)
 from metal_emulated import pretend_metal, run_plan, run_plan_schedules

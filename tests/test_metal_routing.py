@@ -18,7 +18,7 @@ from kernelevo import heuristics
 from kernelevo.features import attention_features, matmul_features
 from kernelevo.features import Epilogue
 from kernelevo.ops import gpu
-from kernelevo.tune.verify import random_operand, to_f64
+from kernelevo.tune.correctness import random_operand, to_f64
 from metal_emulated import CHIPS, pretend_metal
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the MSL emulator needs g++")

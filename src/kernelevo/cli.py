@@ -160,26 +160,26 @@ def fmt(files: list[Path] = typer.Argument(..., help=".kevo files"),
         raise typer.Exit(1)
 
 
-@app.command()
-def tune(chip: str = typer.Option("auto", help="'auto' (this machine's chip) or its id; other chips cannot be timed here"),
-         backend: Optional[str] = typer.Option(None, help="cpu, metal or cuda (default: MLX's default device)"),
-         workload: str = typer.Option("qwen3-0.6b", help="a built-in workload preset"),
-         model: Optional[Path] = typer.Option(None, help="derive the workload from a Hugging Face / mlx-lm config.json"),
-         shapes: Optional[Path] = typer.Option(None, help="a JSON file of explicit shapes"),
-         strategy: str = typer.Option("evolve", help="evolve, random or exhaustive"),
-         candidates: int = typer.Option(DEFAULT_CANDIDATES, help="configurations searched per shape, besides the shipped one"),
-         reps: int = typer.Option(5, help="timed repetitions per configuration (paired with the baseline)"),
-         time_budget: Optional[float] = typer.Option(None, help="stop searching after this many seconds"),
-         seed: int = typer.Option(0, help="seed of the search"),
-         output: Optional[Path] = typer.Option(None, help="write the heuristics here instead of the user data directory"),
-         database: Optional[Path] = typer.Option(None, "--db", help="the tuning database (default: user cache directory)")):
-    """Time candidate kernels on this chip and write the winners as .kevo heuristics."""
-    from . import chips as chips_mod
-    from .paths import database_path
+def _workload(workload: str, model: Optional[Path], shapes: Optional[Path]):
+    """The workload named by --workload / --model / --shapes (exits with the reason if bad)."""
     from .tune import workloads as wl
-    from .tune.db import Database
-    from .tune.runner import Tuner, TuneSettings
-    from .tune.search import STRATEGIES
+
+    try:
+        if model is not None:
+            return wl.from_config(model)
+        if shapes is not None:
+            return wl.from_shapes_file(shapes)
+        if workload in wl.PRESETS:
+            return wl.PRESETS[workload]
+    except ValueError as error:
+        _fail(str(error), 2)
+    _fail(f"unknown workload {workload!r}; presets: {', '.join(wl.PRESETS)}", 2)
+
+
+def _backend(backend: Optional[str], what: str = "tune") -> str:
+    """The backend to time on: as asked (refused with the reason where this machine lacks
+    it), else MLX's default device."""
+    from . import chips as chips_mod
 
     backend = backend or chips_mod.default_backend()
     if backend not in ("cpu", "cuda", "metal"):
@@ -188,81 +188,319 @@ def tune(chip: str = typer.Option("auto", help="'auto' (this machine's chip) or 
         from .ops import BackendNotSupportedError, gpu
 
         try:
-            if gpu.require_gpu("tune") != backend:
+            if gpu.require_gpu(what) != backend:
                 raise BackendNotSupportedError(f"this machine's GPU is not a {backend} device")
         except BackendNotSupportedError as error:
             _fail(f"cannot time {backend} kernels here: {error}", 2)
+    return backend
+
+
+class _Bar:
+    """A progress bar drawn only between measurements (never while a kernel is timed: the
+    tuner does not compete with what it measures), or one plain line per step when the
+    output is not a terminal."""
+
+    def __init__(self, title: str):
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=err, transient=True, auto_refresh=False)
+        self.task = self.progress.add_task(title, total=1)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def __call__(self, done: int, total: int | None, what: str) -> None:
+        self.progress.update(self.task, completed=done, total=total, description=what, refresh=True)
+
+    def step(self, what: str) -> None:
+        """One more measurement starts (for counts not known in advance)."""
+        self.steps = getattr(self, "steps", 0) + 1
+        self(self.steps - 1, None, what)
+
+
+_WORKLOAD_HELP = "a built-in workload preset"
+_MODEL_HELP = "derive the workload from a Hugging Face / mlx-lm config.json"
+_SHAPES_HELP = "a JSON file of explicit shapes (\"split\": \"held-out\" marks shapes to judge on)"
+
+
+@app.command()
+def tune(chip: str = typer.Option("auto", help="'auto' (this machine's chip) or its id; other chips cannot be timed here"),
+         backend: Optional[str] = typer.Option(None, help="cpu, metal or cuda (default: MLX's default device)"),
+         workload: str = typer.Option("qwen3-0.6b", help=_WORKLOAD_HELP),
+         model: Optional[Path] = typer.Option(None, help=_MODEL_HELP),
+         shapes: Optional[Path] = typer.Option(None, help=_SHAPES_HELP),
+         strategy: str = typer.Option("evolve", help="evolve, random or exhaustive"),
+         candidates: int = typer.Option(DEFAULT_CANDIDATES, help="configurations searched per shape, besides the shipped one"),
+         reps: int = typer.Option(5, help="timed pairs per search measurement (confirmations take 3x)"),
+         time_budget: Optional[float] = typer.Option(None, help="stop searching after this many seconds"),
+         seed: int = typer.Option(0, help="seed of the search"),
+         output: Optional[Path] = typer.Option(None, help="write the heuristics here instead of the user data directory"),
+         database: Optional[Path] = typer.Option(None, "--db", help="the tuning database (default: user cache directory)")):
+    """Time candidate kernels on this chip and write the winners as .kevo heuristics."""
+    from . import chips as chips_mod
+    from .paths import database_path
+    from .tune.db import Database
+    from .tune.runner import Tuner, TuneSettings
+    from .tune.search import STRATEGIES
+
+    backend = _backend(backend)
     local = chips_mod.detect(backend)
     if chip not in ("auto", local.id):
         _fail(f"a chip can only be timed on itself: this machine's {backend} chip is {local.id}, "
               f"not {chip}. Run `kernelevo tune --chip auto` on that machine.", 2)
     if strategy not in STRATEGIES:
         _fail(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}", 2)
-    try:
-        if model is not None:
-            chosen = wl.from_config(model)
-        elif shapes is not None:
-            chosen = wl.from_shapes_file(shapes)
-        elif workload in wl.PRESETS:
-            chosen = wl.PRESETS[workload]
-        else:
-            _fail(f"unknown workload {workload!r}; presets: {', '.join(wl.PRESETS)}", 2)
-    except ValueError as error:
-        _fail(str(error), 2)
+    chosen = _workload(workload, model, shapes)
     settings = TuneSettings(strategy=strategy, candidates=candidates, reps=reps, seed=seed,
                             time_budget_s=time_budget)
     db_path = database or database_path()
-    print(f"tuning {chosen.description}\n  chip {local.id} ({local.name}), database {db_path}")
-    with Database(db_path) as db, Progress(TextColumn("{task.description}"), BarColumn(),
-                                           MofNCompleteColumn(), TimeElapsedColumn(),
-                                           console=err, transient=True) as bar:
-        task = bar.add_task("tuning", total=1)
-
-        def progress(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, description=what)
-
+    print(f"tuning {chosen.description}\n  {len(chosen.shapes)} training shapes, "
+          f"{len(chosen.held_out)} held out; chip {local.id} ({local.name}), database {db_path}")
+    with Database(db_path) as db, _Bar("tuning") as bar:
         try:
-            result = Tuner(backend, db, settings, progress).run(chosen, output)
+            result = Tuner(backend, db, settings, bar).run(chosen, output)
         except KeyboardInterrupt:
             print("interrupted: finished measurements are kept; run the same command to resume",
                   file=sys.stderr)
             raise typer.Exit(130)
+    with Database(db_path) as db:
         _print_report(db, result.run_id)
     for reason in result.skipped:
         print(f"skipped {reason}")
-    print(f"{sum(s.measured for s in result.shapes)} measured, "
-          f"{sum(s.reused for s in result.shapes)} reused from the database, "
-          f"{sum(s.failed for s in result.shapes)} rejected (wrong, failed, crashed or hung), "
-          f"{result.restarts} worker restarts, {result.elapsed_s:.0f} s")
-    print(f"geometric-mean speedup over the shipped heuristics: {result.geomean_speedup:.3f}x "
-          f"(each shape's own best: {result.geomean_best:.3f}x)")
+    print(f"{result.measured} measured, {result.reused} reused from the database, {result.failed} "
+          f"rejected (wrong, failed, crashed or hung), {result.restarts} worker restarts, "
+          f"{result.elapsed_s:.0f} s")
+    _print_load(result.loaded, result.measured + result.reused, result.watched)
+    rules = result.distilled.rules if result.distilled else []
+    print(f"{len(rules)} rule(s) written, each re-timed in fresh workers; {len(result.dropped)} not written:")
+    for reason in result.dropped:
+        print(f"  - {reason}")
+    print(f"training shapes: {result.geomean_speedup('train'):.3f}x geometric mean over the shipped "
+          f"heuristics (each shape's own confirmed best: {result.geomean_best:.3f}x)")
+    if any(o.split == "held-out" for o in result.outcomes):
+        print(f"held-out shapes (nothing was fitted to them): {result.geomean_speedup('held-out'):.3f}x")
     if result.output:
         print(f"wrote {result.output}")
+
+
+def _print_load(loaded: int, total: int, watched: bool) -> None:
+    if not watched:
+        print("load: this machine does not report CPU pressure; other work during timing went unseen")
+    elif loaded:
+        print(f"load: {loaded} of {total} measurements ran while other work kept the machine busy "
+              f"(past the wait for quiet); none of them decided anything")
+    else:
+        print("load: every measurement ran on a quiet machine (or waited for one)")
 
 
 def _ms(seconds: Optional[float]) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.3f}"
 
 
+def _spread(mid: Optional[float], lo: Optional[float], hi: Optional[float]) -> str:
+    if mid is None:
+        return "-"
+    if lo is None or hi is None:
+        return _ms(mid)
+    return f"{_ms(mid)} [{lo * 1e3:.3f}-{hi * 1e3:.3f}]"
+
+
 def _print_report(db, run_id: int) -> list[dict]:
-    from .tune.report import geomean, run_rows
+    from .tune.report import run_rows, summary
 
     rows = run_rows(db, run_id)
     run = db.run(run_id)
     for op in dict.fromkeys(r["op"] for r in rows):
-        table = Table(title=f"{op} on {run.chip} (run {run_id})", title_justify="left")
-        for column in ("shape", "mlx ms", "shipped ms", "tuned ms", "speedup", "chosen configuration"):
-            table.add_column(column, justify="right" if "ms" in column or column == "speedup" else "left")
-        mine = [r for r in rows if r["op"] == op]
-        for r in mine:
-            same = r["chosen_config"] == r["shipped_config"]
-            table.add_row(r["label"] or r["shape_key"], _ms(r["mlx_s"]), _ms(r["shipped_s"]),
-                          _ms(r["tuned_s"]), f"{r['speedup']:.2f}x",
-                          r["chosen_config"] + ("  (shipped)" if same else ""))
-        out.print(table)
-        print(f"{op}: geometric-mean speedup {geomean(r['speedup'] for r in mine):.3f}x over the "
-              f"shipped heuristics, {geomean(r['vs_mlx'] for r in mine):.3f}x over MLX's own op")
+        for split in ("train", "held-out"):
+            mine = [r for r in rows if r["op"] == op and r["split"] == split]
+            if not mine:
+                continue
+            table = Table(title=f"{op}, {split} shapes, on {run.chip} (run {run_id})", title_justify="left")
+            for column in ("shape", "A/A band", "shipped ms [q1-q3]", "tuned ms [q1-q3]", "speedup [q1-q3]",
+                           "vs mlx", "chosen configuration"):
+                table.add_column(column, justify="left" if column in ("shape", "chosen configuration") else "right")
+            for r in mine:
+                if r["same"]:
+                    tuned, speed = "same", "1.00x (same)"
+                else:
+                    tuned = _spread(r["chosen_s"], r["chosen_q1_s"], r["chosen_q3_s"])
+                    speed = f"{r['speedup']:.2f}x" + (f" [{1 / r['ratio_q3']:.2f}-{1 / r['ratio_q1']:.2f}]"
+                                                     if r["ratio_q1"] and r["ratio_q3"] else "")
+                table.add_row(r["label"] or r["shape_key"], f"±{r['band']:.1%}" if r["band"] is not None else "-",
+                              _spread(r["shipped_s"], r["shipped_q1_s"], r["shipped_q3_s"]), tuned, speed,
+                              f"{r['vs_mlx']:.2f}x" if r["vs_mlx"] else "-",
+                              r["chosen_config"] + ("" if r["same"] else f"  (rule {r['rule']})"))
+            out.print(table)
+            g = summary(rows, split, op)
+            print(f"{op}, {split}: geometric-mean speedup "
+                  + (f"{g:.3f}x" if g else "-") + " over the shipped heuristics")
     return rows
+
+
+@app.command()
+def score(file: Path = typer.Argument(..., help="the .kevo program to score"),
+          workload: str = typer.Option("qwen3-0.6b", help=_WORKLOAD_HELP),
+          model: Optional[Path] = typer.Option(None, help=_MODEL_HELP),
+          shapes: Optional[Path] = typer.Option(None, help=_SHAPES_HELP),
+          split: str = typer.Option("all", help="train, held-out or all"),
+          replay: bool = typer.Option(False, "--replay", help="use stored measurements only; touch no device"),
+          backend: Optional[str] = typer.Option(None, help="cpu, metal or cuda (default: the file's target)"),
+          reps: int = typer.Option(5, help="timed pairs per search measurement (scores take 3x)"),
+          database: Optional[Path] = typer.Option(None, "--db")):
+    """Measure a program on a workload: per shape, what it selects against what the shipped
+    heuristics select, and the geometric mean per split. The fitness `kernelevo evolve` uses."""
+    from .paths import database_path
+    from .tune.db import Database
+    from .tune.measure import MeasureSettings, Measurer
+    from .tune.score import Scorer
+    from .tune.workloads import SPLITS
+
+    if split not in SPLITS:
+        _fail(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}", 2)
+    program, backend = _load_program(file, backend, timed=not replay)
+    chosen = _workload(workload, model, shapes)
+    pairs = [(sp, s) for sp, s in chosen.labelled() if split == "all" or sp == split]
+    with Database(database or database_path()) as db:
+        program = _compile_for(program, backend, file)
+        measurer = Measurer(backend, db, MeasureSettings(reps=reps))
+        if replay:
+            result = Scorer(measurer, live=False).score(program, pairs)
+        else:
+            with measurer, _Bar("scoring") as bar:
+                measurer.progress = bar.step
+                result = Scorer(measurer).score(program, pairs)
+    table = Table(title=f"{file} on {chosen.name} ({'replayed' if replay else 'live'})", title_justify="left")
+    for column in ("split", "shape", "rule", "selected", "speedup [q1-q3]", "A/A band", "vs mlx", "evidence"):
+        table.add_column(column, justify="right" if column in ("speedup [q1-q3]", "A/A band", "vs mlx", "rule") else "left")
+    for s in result.shapes:
+        m = s.measurement
+        if s.status == "same":
+            speed, evidence = "1.00x (shipped)", "same configuration as the shipped rules"
+        elif s.status == "measured":
+            q = sorted(m.pair_ratios)
+            quart = f" [{1 / q[(3 * len(q)) // 4]:.2f}-{1 / q[len(q) // 4]:.2f}]" if len(q) >= 4 else ""
+            speed = f"{s.speedup:.2f}x{quart}"
+            evidence = f"{m.phase}, run {m.run_id}, {_when(m.created_at)}, {len(q)} pairs"
+        else:
+            speed, evidence = s.status, s.reason
+        table.add_row(s.split, s.shape.label or str(s.shape), str(s.rule or "-"),
+                      s.selected or "-", speed, f"±{s.band:.1%}" if s.band is not None else "-",
+                      f"{s.vs_mlx:.2f}x" if s.vs_mlx else "-", evidence)
+    out.print(table)
+    for sp in ("train", "held-out"):
+        if any(s.split == sp for s in result.shapes):
+            g, gm = result.geomean(sp), result.geomean_vs_mlx(sp)
+            n = len(result.split(sp))
+            print(f"{sp}: " + (f"{g:.3f}x geometric mean over the shipped heuristics on {n} shapes"
+                               if g else f"incomplete ({sum(1 for s in result.split(sp) if s.ratio is None)} "
+                                         f"of {n} shapes without a usable measurement)")
+                  + (f", {gm:.3f}x over MLX's own op" if gm else ""))
+    if result.unmeasured:
+        print(f"unmeasured (shape, configuration) pairs: {len(result.unmeasured)}")
+        for s in result.unmeasured:
+            print(f"  {s.shape.key}  {s.selected}")
+
+
+def _when(stamp: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp))
+
+
+def _load_program(file: Path, backend: Optional[str], timed: bool):
+    """The parsed program and the backend to score it on (its target unless told)."""
+    from .dsl import DSLError, parse
+
+    try:
+        text = file.read_text(encoding="utf-8")
+        program = parse(text, str(file))
+    except OSError as error:
+        _fail(f"{file}: {error.strerror}", 2)
+    except UnicodeDecodeError:
+        _fail(f"{file}: not UTF-8 text", 2)
+    except DSLError as error:
+        _fail(str(error))
+    backend = backend or program.target or "cpu"
+    if timed:
+        backend = _backend(backend, "score")
+    return (program, text), backend
+
+
+def _compile_for(loaded, backend: str, file: Path):
+    from . import chips as chips_mod
+    from .dsl import DSLError
+    from .dsl.select import CompiledProgram
+
+    program, text = loaded
+    if program.target != backend:
+        _fail(f"{file} targets {program.target}, not {backend}", 2)
+    try:
+        return CompiledProgram(program, text, str(file), chips_mod.detect(backend))
+    except DSLError as error:
+        _fail(str(error))
+
+
+@app.command()
+def verify(file: Path = typer.Argument(..., help="the .kevo program whose rules to re-measure"),
+           workload: Optional[str] = typer.Option(None, help="a preset (default: the one named in the file's header, else qwen3-0.6b)"),
+           model: Optional[Path] = typer.Option(None, help=_MODEL_HELP),
+           shapes: Optional[Path] = typer.Option(None, help=_SHAPES_HELP),
+           rounds: int = typer.Option(2, min=1, help="fresh worker processes that re-time each pair"),
+           reps: int = typer.Option(5, help="timed pairs per search measurement (re-timings take 3x per round)"),
+           backend: Optional[str] = typer.Option(None, help="cpu, metal or cuda (default: the file's target)"),
+           database: Optional[Path] = typer.Option(None, "--db")):
+    """Re-time a program's rules against the shipped ones in fresh workers, and say for each
+    rule whether the claim in its comment reproduces (within 5%)."""
+    from .paths import database_path
+    from .tune.db import Database
+    from .tune.measure import MeasureSettings, Measurer
+    from .tune.reproduce import check_rules, reproduce
+
+    loaded, backend = _load_program(file, backend, timed=True)
+    if workload is None and model is None and shapes is None:
+        named = _header_workload(loaded[1])
+        if named is not None:
+            workload, model, shapes = named
+    chosen = _workload(workload or "qwen3-0.6b", model, shapes)
+    with Database(database or database_path()) as db:
+        program = _compile_for(loaded, backend, file)
+        measurer = Measurer(backend, db, MeasureSettings(reps=reps))
+        with measurer, _Bar("re-timing") as bar:
+            measurer.progress = bar.step
+            items = reproduce(measurer, program, chosen.labelled(), rounds)
+        checks = check_rules(program, items)
+        loaded_rows = sum(1 for i in items for r in i.rows if r.loaded)
+    if not checks:
+        print(f"{file}: on {chosen.name} every shape selects what the shipped heuristics select; "
+              f"nothing to re-time")
+        return
+    failed = False
+    for c in checks:
+        print(f"rule {c.rule} (line {c.line}): {c.text}")
+        print(f"  {c.config}")
+        for i in c.items:
+            ch, sh = i.times("chosen"), i.times("shipped")
+            speed = f"{i.speedup:.2f}x" if i.speedup else "-"
+            print(f"    {i.split:8s} {i.shape.label or i.shape}: {speed}  "
+                  f"(shipped {_spread(*sh) if sh else '-'} ms, this rule {_spread(*ch) if ch else '-'} ms)")
+        print(f"  -> {c.verdict}")
+        failed |= not c.reproduces
+    _print_load(loaded_rows, sum(len(i.rows) for i in items), any(r.load_watched for i in items for r in i.rows))
+    if failed:
+        raise typer.Exit(1)
+
+
+def _header_workload(text: str):
+    """(workload, model, shapes) from a tuned file's `# Workload: --workload NAME` line."""
+    m = re.search(r"^# Workload: --(workload|model|shapes) (.+)$", text, re.MULTILINE)
+    if not m:
+        return None
+    kind, value = m.group(1), m.group(2).strip()
+    return (value if kind == "workload" else None, Path(value) if kind == "model" else None,
+            Path(value) if kind == "shapes" else None)
 
 
 @app.command()
@@ -281,6 +519,13 @@ def report(run: Optional[int] = typer.Option(None, help="the run (default: the l
         if chosen is None:
             _fail("no finished tuning run in the database; run `kernelevo tune --chip auto`")
         rows = _print_report(db, chosen.id)
+        if chosen.summary:
+            import json
+
+            info = json.loads(chosen.summary)
+            print(f"{info['rules']} rule(s) written; {len(info['dropped'])} not written")
+            for reason in info["dropped"]:
+                print(f"  - {reason}")
         if not rows:
             _fail(f"run {chosen.id} recorded no results")
         path = draw(rows, plot or cache_dir() / f"tune-report-{chosen.id}.png",
@@ -345,7 +590,7 @@ def db_prune(stale: bool = typer.Option(False, help="measurements of kernels thi
 
     from .paths import database_path
     from .tune.db import Database
-    from .tune.runner import template_hash
+    from .tune.measure import template_hash
 
     keep = {"cpu": template_hash("cpu")} if stale else None
     before = time.time() - older_than_days * 86400 if older_than_days is not None else None

@@ -35,7 +35,7 @@ def launcher(shape, inputs, config):
     if planted("hang", text):
         time.sleep(3600)
     if planted("wrong", text):
-        return lambda: launch() * mx.array(1.5, dtype=launch().dtype)
+        return lambda after=None: launch(after) * mx.array(1.5, dtype=launch().dtype)
     return launch
 
 

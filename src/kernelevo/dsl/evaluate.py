@@ -355,3 +355,172 @@ def partial_truth(expr: ast.Expr, names_that_vary: frozenset[str], chip: Chip | 
     except EvalError:
         return None
     return value if known and isinstance(value, bool) else None
+
+
+# -- constraints of kernel families ------------------------------------------------------
+#
+# A family's constraints on the call are DSL expressions over its parameters (by name), the
+# call's features and chip facts. A parameter shadows a feature of the same name.
+
+
+def _all_feature_names() -> frozenset[str]:
+    from ..features import OP_FEATURES
+
+    return frozenset(f.name for features in OP_FEATURES.values() for f in features)
+
+
+class _ConstraintEnv(Env):
+    __slots__ = ("params",)
+
+    def __init__(self, params, chip, call):
+        super().__init__(call, chip)
+        self.params = params
+
+
+def compile_constraint(expr: ast.Expr) -> Callable[[Mapping, Chip, Mapping], bool]:
+    """A constraint expression as fn(params, chip, call) -> bool. A feature the call lacks
+    raises NotApplicable (families.schema)."""
+    from ..families.schema import NotApplicable
+
+    features = _all_feature_names()
+
+    def resolve(name: ast.Name):
+        key = name.name
+
+        def read(env: _ConstraintEnv) -> Value:
+            if key in env.params:
+                return env.params[key]
+            if key in features:
+                if key not in env.features:
+                    raise NotApplicable
+                return env.features[key]
+            return key  # a symbol (constraint_names vets them)
+        return read
+
+    fn = compile_expr(expr, resolve)
+
+    def holds(params, chip, call) -> bool:
+        value = fn(_ConstraintEnv(params, chip, call))
+        if not isinstance(value, bool):
+            raise EvalError("a constraint must be true/false", expr.pos)
+        return value
+    return holds
+
+
+def names_in(expr: ast.Expr) -> set[str]:
+    """The names an expression reads (features, lets, parameters or symbols)."""
+    found: set[str] = set()
+
+    def walk(e):
+        if isinstance(e, ast.Name):
+            found.add(e.name)
+        for child in _children(e):
+            walk(child)
+    walk(expr)
+    return found
+
+
+def _children(e: ast.Expr) -> tuple[ast.Expr, ...]:
+    if isinstance(e, ast.Unary):
+        return (e.operand,)
+    if isinstance(e, (ast.Binary, ast.Compare)):
+        return (e.left, e.right)
+    if isinstance(e, ast.InSet):
+        return (e.value,) + e.items
+    if isinstance(e, ast.Call):
+        return e.args
+    if isinstance(e, ast.Cond):
+        return (e.then, e.test, e.otherwise)
+    return ()
+
+
+def constraint_names(expr: ast.Expr, family) -> None:
+    """Raises ValueError unless every name in a constraint of `family` is one of its
+    parameters, a feature of its op, or a symbol one of those can take."""
+    from ..features import DTYPES, OP_FEATURES
+
+    features = OP_FEATURES[family.op]
+    symbols = set(DTYPES) | {s for f in features for s in f.symbols}
+    symbols |= {c for p in family.params for c in p.choices}
+    allowed = set(family.param_names) | {f.name for f in features} | symbols
+    unknown = names_in(expr) - allowed
+    if unknown:
+        raise ValueError(f"{family.backend} {family.op} family {family.name}: a constraint reads "
+                         f"{', '.join(sorted(unknown))}, which is no parameter, feature or symbol")
+
+
+def literal(value: Value) -> ast.Expr:
+    if isinstance(value, bool):
+        return ast.Bool(value)
+    if isinstance(value, (int, float)):
+        return ast.Num(value) if value >= 0 else ast.Unary("-", ast.Num(-value))
+    return ast.Name(str(value))
+
+
+def residual(expr: ast.Expr, params: Mapping[str, Value], chip: Chip | None,
+             known: Mapping[str, Value]) -> Value | ast.Expr:
+    """Partial evaluation of a constraint: with the parameters, the chip and the `known`
+    features fixed, either its value or the condition on the other features that remains
+    (`engine == fma or dtype == bf16` with engine=amx is `dtype == bf16`)."""
+    features = _all_feature_names()
+
+    def constant(e) -> tuple[bool, Value | None]:
+        try:
+            return True, compile_expr(e, lambda n: (lambda env: n.name))(Env({}, chip))
+        except NotConstant:
+            return False, None
+
+    def pe(e: ast.Expr):
+        """(True, value) or (False, simplified expression)."""
+        if isinstance(e, (ast.Num, ast.Bool)):
+            return True, e.value
+        if isinstance(e, ast.Name):
+            key = e.name
+            if key in params:
+                return True, params[key]
+            if key in features:
+                return (True, known[key]) if key in known else (False, e)
+            return True, key
+        if isinstance(e, ast.Attr):
+            return constant(e) if chip is not None else (False, e)
+        if isinstance(e, ast.Binary) and e.op in ("and", "or"):
+            lk, lv = pe(e.left)
+            rk, rv = pe(e.right)
+            absorbing = e.op == "or"  # True absorbs `or`, False absorbs `and`
+            if (lk and lv is absorbing) or (rk and rv is absorbing):
+                return True, absorbing
+            if lk and not rk and isinstance(lv, bool):
+                return False, rv  # the known side is the neutral value
+            if rk and not lk and isinstance(rv, bool):
+                return False, lv
+            if not lk and not rk:
+                return False, ast.Binary(e.op, lv, rv)
+        if isinstance(e, ast.Cond):
+            tk, tv = pe(e.test)
+            if tk:
+                return pe(e.then if tv else e.otherwise)
+        parts = [pe(c) for c in _children(e)]
+        rebuilt = _rebuild(e, [literal(v) if k else v for k, v in parts])
+        if all(k for k, _ in parts):
+            ok, value = constant(rebuilt)
+            if ok:
+                return True, value
+        return False, rebuilt
+
+    return pe(expr)[1]
+
+
+def _rebuild(e: ast.Expr, children: list[ast.Expr]) -> ast.Expr:
+    if isinstance(e, ast.Unary):
+        return ast.Unary(e.op, children[0])
+    if isinstance(e, ast.Binary):
+        return ast.Binary(e.op, children[0], children[1])
+    if isinstance(e, ast.Compare):
+        return ast.Compare(e.op, children[0], children[1])
+    if isinstance(e, ast.InSet):
+        return ast.InSet(children[0], tuple(children[1:]), e.negated)
+    if isinstance(e, ast.Call):
+        return ast.Call(e.func, tuple(children))
+    if isinstance(e, ast.Cond):
+        return ast.Cond(children[0], children[1], children[2])
+    return e

@@ -29,7 +29,7 @@ def grammar_path() -> Path:
 @lru_cache(maxsize=1)
 def _lark() -> Lark:
     return Lark(grammar_path().read_text(encoding="utf-8"), parser="lalr",
-                start=["start", "config_line"], propagate_positions=True,
+                start=["start", "config_line", "expression"], propagate_positions=True,
                 maybe_placeholders=False)
 
 
@@ -189,6 +189,9 @@ class _Build(Transformer):
     def config_line(self, meta, children):
         return children[0]
 
+    def expression(self, meta, children):
+        return children[0]
+
     def param(self, meta, children):
         return ast.Param(children[0].value, children[1], pos=_pos(meta))
 
@@ -326,6 +329,11 @@ def parse_config(text: str) -> tuple[str, dict]:
                                       source_line=source_line(text, p.pos.line)))
         params[p.name] = constant_value(p.value, text, "<config>")
     return spec.family, params
+
+
+def parse_expression(text: str, path: str = "<expression>") -> ast.Expr:
+    """Parses one expression (syntax only)."""
+    return _build(_parse_tree(text, path, "expression"), text, path)
 
 
 # -- comments ----------------------------------------------------------------------------

@@ -18,8 +18,7 @@ _pack_gqa = Param(
     "one task holds the query rows of every query head that shares a key/value head, so "
     "each key and value block is read once for all of them (no: one task per query head)")
 
-_few_queries = Constraint(f"q_len <= {DECODE_MAX_QUERIES}",
-                          lambda p, chip, call: call["q_len"] <= DECODE_MAX_QUERIES, on_call=True)
+_few_queries = Constraint.on_call_expr(f"q_len <= {DECODE_MAX_QUERIES}")
 
 CPU_FLASH = Family(
     op="attention", backend="cpu", name="flash",
@@ -48,8 +47,7 @@ CPU_FLASH = Family(
                    lambda p, chip, call: p["dot"] != "amx" or (p["bq"] % 32 == 0 and p["bk"] % 32 == 0)),
         Constraint("chip.amx == 1 when dot=amx (a CPU with AMX-BF16)",
                    lambda p, chip, call: p["dot"] != "amx" or chip.cores == 0 or chip.has_amx == 1),
-        Constraint("dtype == bf16 when dot=amx",
-                   lambda p, chip, call: p["dot"] != "amx" or call["dtype"] == "bf16", on_call=True),
+        Constraint.on_call_expr("dot != amx or dtype == bf16", "AMX multiplies bf16"),
     ),
 )
 

@@ -101,9 +101,7 @@ CPU_GEMM = Family(
                    lambda p, chip, call: p["kc"] % {"fma": 1, "bf16dot": 2, "amx": 32}[p["engine"]] == 0),
         Constraint("the engine to be available on the chip (bf16dot: AVX512-BF16; amx: AMX-BF16)",
                    lambda p, chip, call: engine_available(p["engine"], chip)),
-        Constraint("engine fma for f16/f32 (bf16dot and amx multiply bf16)",
-                   lambda p, chip, call: p["engine"] == "fma" or call["dtype"] == "bf16",
-                   on_call=True),
+        Constraint.on_call_expr("engine == fma or dtype == bf16", "f16/f32 take fma: bf16dot and amx multiply bf16"),
         _threads_fit,
     ),
 )
@@ -123,8 +121,7 @@ CPU_GEMV = Family(
     ),
     constraints=(
         _threads_fit,
-        Constraint("M <= 64 (each task keeps M x nb results)",
-                   lambda p, chip, call: call["M"] <= 64, on_call=True),
+        Constraint.on_call_expr("M <= 64", "each task keeps M x nb results"),
     ),
 )
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from .cuda_matmul import SMEM_PAD
-from .gpu_common import CAUSAL_ALIGNMENT, SCALE_AT, builtin, itemsize, threads_fit
+from .gpu_common import CAUSAL_ALIGNMENT, ITEMSIZE_EXPR, SCALE_AT, builtin, itemsize, threads_fit
 from .schema import Constraint, Family, Param
 
 MAX_SLICES = 1024  # split-KV slices the merge kernel holds (cuda/attention_decode.cuh)
@@ -32,6 +32,9 @@ def decode_smem(p, call) -> int:
     return p["warps"] * decode_rows(p, call) * (call["head_dim"] + 2) * 4
 
 
+#: query rows one decode block serves (decode_rows), in a constraint
+_ROWS = "q_len * (gqa if pack_gqa else 1)"
+
 _pack_gqa = Param("pack_gqa", "bool", "one block serves all query heads of a KV head, so K and "
                   "V are read once per KV head")
 _key_lanes = Param("key_lanes", "int", "lanes sharing one key (each holds head_dim / key_lanes "
@@ -39,17 +42,14 @@ _key_lanes = Param("key_lanes", "int", "lanes sharing one key (each holds head_d
                    allowed=(4, 8, 16, 32))
 _decode_constraints = (
     threads_fit(lambda p: 32 * p["warps"], "32 * warps threads"),
-    Constraint("q_len <= 16", lambda p, chip, call: call["q_len"] <= 16, on_call=True),
-    Constraint("head_dim * itemsize % (16 * key_lanes) == 0 (whole 16-byte loads per lane)",
-               lambda p, chip, call: call["head_dim"] * itemsize(call) % (16 * p["key_lanes"]) == 0,
-               on_call=True),
-    Constraint("(2 * rows + 6) * head_dim / key_lanes + 4 * rows + 48 <= min(255, 65536 / "
-               "threads), rows = q_len * (gqa if pack_gqa else 1), threads = 32 * warps "
-               "(queries, outputs and loads in flight in registers)",
-               lambda p, chip, call: decode_registers(p, call) <= min(255, 65536 // (32 * p["warps"])),
-               on_call=True),
-    Constraint("warps * rows * (head_dim + 2) * 4 <= chip.threadgroup_memory",
-               lambda p, chip, call: decode_smem(p, call) <= chip.threadgroup_memory, on_call=True),
+    Constraint.on_call_expr("q_len <= 16"),
+    Constraint.on_call_expr(f"head_dim * {ITEMSIZE_EXPR} % (16 * key_lanes) == 0",
+                            "whole 16-byte loads per lane"),
+    Constraint.on_call_expr(f"(2 * {_ROWS} + 6) * head_dim // key_lanes + 4 * {_ROWS} + 48 <= "
+                            "min(255, 65536 // (32 * warps))",
+                            "queries, outputs and loads in flight in registers"),
+    Constraint.on_call_expr(f"warps * {_ROWS} * (head_dim + 2) * 4 <= chip.threadgroup_memory",
+                            "each warp's partial output and softmax state"),
     CAUSAL_ALIGNMENT,
 )
 
@@ -76,17 +76,12 @@ CUDA_FLASH = Family(
     constraints=(
         Constraint("bq % (16 * warps) == 0", lambda p, chip, call: p["bq"] % (16 * p["warps"]) == 0),
         threads_fit(lambda p: 32 * p["warps"], "32 * warps threads"),
-        Constraint("(bq + 2 * stages * bk) * (head_dim + 8) * itemsize <= chip.threadgroup_memory",
-                   lambda p, chip, call: flash_smem(p, call) <= chip.threadgroup_memory,
-                   on_call=True),
-        Constraint("head_dim % 16 == 0", lambda p, chip, call: call["head_dim"] % 16 == 0,
-                   on_call=True),
-        Constraint("bq / (16 * warps) * (3 * head_dim / 4 + bk / 2) <= 160 (query fragments, "
-                   "scores and outputs in registers)",
-                   lambda p, chip, call: p["bq"] // (16 * p["warps"]) * (3 * call["head_dim"] // 4 + p["bk"] // 2) <= 160,
-                   on_call=True),
-        Constraint("dtype in {f16, bf16} (tensor-core MMA)",
-                   lambda p, chip, call: call["dtype"] in ("f16", "bf16"), on_call=True),
+        Constraint.on_call_expr(f"(bq + 2 * stages * bk) * (head_dim + {SMEM_PAD}) * {ITEMSIZE_EXPR} "
+                                "<= chip.threadgroup_memory"),
+        Constraint.on_call_expr("head_dim % 16 == 0"),
+        Constraint.on_call_expr("bq // (16 * warps) * (3 * head_dim // 4 + bk // 2) <= 160",
+                                "query fragments, scores and outputs in registers"),
+        Constraint.on_call_expr("dtype in {f16, bf16}", "tensor-core MMA"),
         CAUSAL_ALIGNMENT,
     ),
 )

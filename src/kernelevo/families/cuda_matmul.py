@@ -9,7 +9,7 @@ NVRTC where it is installed and checks the resource report)."""
 
 from __future__ import annotations
 
-from .gpu_common import builtin, itemsize, threads_fit
+from .gpu_common import ITEMSIZE_EXPR, builtin, itemsize, threads_fit
 from .schema import Constraint, Family, Param
 
 SMEM_PAD = 8  # elements of padding per shared-memory row (cuda/gemm.cuh)
@@ -41,8 +41,7 @@ def _registers_fit(p) -> bool:
 
 
 def _tensor_core_dtype():
-    return Constraint("dtype in {f16, bf16} (tensor-core MMA)",
-                      lambda p, chip, call: call["dtype"] in ("f16", "bf16"), on_call=True)
+    return Constraint.on_call_expr("dtype in {f16, bf16}", "tensor-core MMA")
 
 
 _warp_tiling = (
@@ -61,8 +60,13 @@ _warp_tiling = (
                "threads = 32 * wm * wn (accumulators plus working registers within a thread's "
                "255 and the block's 65536)",
                lambda p, chip, call: _registers_fit(p)),
-    Constraint("stages * (A tile + B tile) * itemsize <= chip.threadgroup_memory (rows padded "
-               "by 16 bytes)", lambda p, chip, call: gemm_smem(p, call) <= chip.threadgroup_memory),
+    Constraint("stages * (A tile + B tile) * 2 <= chip.threadgroup_memory for the larger layout "
+               "of each operand (rows padded by 16 bytes)",
+               lambda p, chip, call: gemm_smem(p, None) <= chip.threadgroup_memory, without_call=True),
+    Constraint.on_call_expr(
+        f"stages * ((bk * (bm + {SMEM_PAD}) if transpose_a else bm * (bk + {SMEM_PAD})) + "
+        f"(bn * (bk + {SMEM_PAD}) if transpose_b else bk * (bn + {SMEM_PAD}))) * {ITEMSIZE_EXPR} "
+        "<= chip.threadgroup_memory", "the call's layouts, as cuda/gemm.cuh stores them"),
     _tensor_core_dtype(),
 )
 
@@ -99,8 +103,7 @@ CUDA_SPLITK = Family(
             EPILOGUE),
     constraints=(
         *_warp_tiling,
-        Constraint("parts * bk <= K (every part gets at least one step)",
-                   lambda p, chip, call: p["parts"] * p["bk"] <= call["K"], on_call=True),
+        Constraint.on_call_expr("parts * bk <= K", "every part gets at least one step"),
     ),
 )
 
@@ -133,14 +136,11 @@ CUDA_GEMV = Family(
     ),
     constraints=(
         threads_fit(lambda p: 32 * p["warps"], "32 * warps threads"),
-        Constraint("M <= 16", lambda p, chip, call: call["M"] <= 16, on_call=True),
-        Constraint("2 * pow2ceil(M) * max(rows, vec) + 40 <= min(168, 65536 / (32 * warps)) "
-                   "(accumulators in registers)",
-                   lambda p, chip, call: gemv_registers(p, call) <= min(168, 65536 // (32 * p["warps"])),
-                   on_call=True),
-        Constraint("(warps - 1) * pow2ceil(M) * 32 * vec * 4 <= chip.threadgroup_memory when "
-                   "not transpose_b", lambda p, chip, call: gemv_smem(p, call) <= chip.threadgroup_memory,
-                   on_call=True),
+        Constraint.on_call_expr("M <= 16"),
+        Constraint.on_call_expr("2 * pow2ceil(M) * max(rows, vec) + 40 <= min(168, 65536 // (32 * warps))",
+                                "accumulators in registers"),
+        Constraint.on_call_expr("transpose_b or (warps - 1) * pow2ceil(M) * 32 * vec * 4 <= "
+                                "chip.threadgroup_memory", "the warps' partial sums"),
     ),
 )
 

@@ -12,9 +12,9 @@ from .schema import Constraint, Family, Param
 ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
 
 
-def itemsize(call: Mapping[str, Any]) -> int:
+def itemsize(call: Mapping[str, Any] | None) -> int:
     """Bytes per element of the call's dtype; without a call (a static check), the largest."""
-    return ITEMSIZE.get(call.get("dtype", "f32"), 4)
+    return ITEMSIZE.get((call or {}).get("dtype", "f32"), 4)
 
 
 def threads_fit(threads_of, text: str) -> Constraint:
@@ -23,10 +23,14 @@ def threads_fit(threads_of, text: str) -> Constraint:
                       lambda p, chip, call: threads_of(p) <= (chip.max_threads or 1024))
 
 
-def memory_fit(bytes_of, text: str) -> Constraint:
-    """Threadgroup/shared memory within the chip's limit; with no call, for f32 (the most)."""
-    return Constraint(f"{text} <= chip.threadgroup_memory",
-                      lambda p, chip, call: bytes_of(p, call) <= chip.threadgroup_memory)
+def memory_fit(bytes_of, text: str, expr: str) -> tuple[Constraint, Constraint]:
+    """Threadgroup/shared memory within the chip's limit: statically (bytes_of(p, None),
+    the most any call needs, or a stated typical call) and for the call (`expr`, the same
+    sum as a constraint on the call)."""
+    return (Constraint(f"{text} <= chip.threadgroup_memory (the largest layout)",
+                       lambda p, chip, call: bytes_of(p, None) <= chip.threadgroup_memory,
+                       without_call=True),
+            Constraint.on_call_expr(f"{expr} <= chip.threadgroup_memory"))
 
 
 def builtin(op: str, backend: str) -> Family:
@@ -40,6 +44,8 @@ SCALE_AT = Param("scale_at", "choice", "multiply the queries by the softmax scal
                  "loaded (q: once per query element) or every score (scores: no rounding of "
                  "scaled low-precision queries)", choices=("q", "scores"))
 
-CAUSAL_ALIGNMENT = Constraint(
-    "q_len <= kv_len when causal or windowed (every query sees a key)",
-    lambda p, chip, call: not is_causal(call) or call["q_len"] <= call["kv_len"], on_call=True)
+CAUSAL_ALIGNMENT = Constraint.on_call_expr("not (causal or window > 0) or q_len <= kv_len",
+                                           "every query of a causal or windowed call sees a key")
+
+#: bytes per element of the call's dtype, in a constraint
+ITEMSIZE_EXPR = "(4 if dtype == f32 else 2)"

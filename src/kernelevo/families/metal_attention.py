@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .gpu_common import CAUSAL_ALIGNMENT, SCALE_AT, builtin, itemsize, memory_fit, threads_fit
+from .gpu_common import CAUSAL_ALIGNMENT, ITEMSIZE_EXPR, SCALE_AT, builtin, itemsize, memory_fit, threads_fit
 from .schema import Constraint, Family, Param
 
 HEAD_DIMS = (64, 72, 80, 96, 128, 192, 256)
@@ -13,21 +13,21 @@ def flash_tile_bytes(p, call) -> int:
     one K/V tile (K and V take turns in it), rows padded by 16 bytes. Checked statically
     (no call) for a 128-wide head in f32; at selection for the call's."""
     size = itemsize(call)
-    d = call.get("head_dim", 128)
+    d = (call or {}).get("head_dim", 128)
     return (p["bq"] + p["bk"]) * (d + 16 // size) * size
 
+
+_HEAD_DIMS = Constraint.on_call_expr("head_dim in {" + ", ".join(map(str, HEAD_DIMS)) + "}")
 
 _pack_gqa = Param("pack_gqa", "bool", "one threadgroup serves every query row of a KV head (its "
                   "gqa query heads, q_len queries each), so K and V are read once per KV head (no: one "
                   "threadgroup per query row, as MLX's vector kernels)")
 _decode_calls = (
-    Constraint("q_len <= 8", lambda p, chip, call: call["q_len"] <= 8, on_call=True),
-    Constraint("q_len <= kv_len", lambda p, chip, call: call["q_len"] <= call["kv_len"], on_call=True),
-    Constraint("gqa * q_len <= 32 when pack_gqa (every query row of a KV head held in registers)",
-               lambda p, chip, call: not p["pack_gqa"] or call["gqa"] * call["q_len"] <= 32,
-               on_call=True),
-    Constraint("head_dim in {64, 72, 80, 96, 128, 192, 256}",
-               lambda p, chip, call: call["head_dim"] in HEAD_DIMS, on_call=True),
+    Constraint.on_call_expr("q_len <= 8"),
+    Constraint.on_call_expr("q_len <= kv_len"),
+    Constraint.on_call_expr("not pack_gqa or gqa * q_len <= 32",
+                            "every query row of a KV head held in registers"),
+    _HEAD_DIMS,
 )
 
 METAL_FLASH = Family(
@@ -47,9 +47,10 @@ METAL_FLASH = Family(
     constraints=(
         Constraint("bq % (8 * wm) == 0", lambda p, chip, call: p["bq"] % (8 * p["wm"]) == 0),
         threads_fit(lambda p: 32 * p["wm"] * p["wn"], "32 * wm * wn threads"),
-        memory_fit(flash_tile_bytes, "(bq + bk) * (head_dim + 16 / itemsize) * itemsize"),
-        Constraint("head_dim in {64, 72, 80, 96, 128, 192, 256}",
-                   lambda p, chip, call: call["head_dim"] in HEAD_DIMS, on_call=True),
+        *memory_fit(flash_tile_bytes, "(bq + bk) * (head_dim + 16 / itemsize) * itemsize, for "
+                    "head_dim 128 in f32", f"(bq + bk) * (head_dim + 16 // {ITEMSIZE_EXPR}) * "
+                    f"{ITEMSIZE_EXPR}"),
+        _HEAD_DIMS,
         CAUSAL_ALIGNMENT,
     ),
 )

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .gpu_common import builtin, itemsize, threads_fit
+from .gpu_common import ITEMSIZE_EXPR, builtin, itemsize, memory_fit, threads_fit
 from .schema import Constraint, Family, Param
 
 POW2_TILES = (16, 32, 64, 128)
@@ -19,16 +19,18 @@ def gemm_tile_bytes(p, call) -> int:
     bm, bn, bk = p["bm"], p["bn"], p["bk"]
     a = {False: bm * (bk + pad), True: bk * (bm + pad)}
     b = {False: bk * (bn + pad), True: bn * (bk + pad)}
-    ta, tb = call.get("transpose_a"), call.get("transpose_b")
+    ta, tb = (call or {}).get("transpose_a"), (call or {}).get("transpose_b")
     a_elems = a[bool(ta)] if ta is not None else max(a.values())
     b_elems = b[bool(tb)] if tb is not None else max(b.values())
     return (a_elems + b_elems) * size
 
 
-_tiles_fit = Constraint(
-    "(A + B) * itemsize <= chip.threadgroup_memory, where A = bm * (bk + pad) (bk * (bm + pad) when "
+_PAD = f"16 // {ITEMSIZE_EXPR}"
+_tiles_fit = memory_fit(
+    gemm_tile_bytes, "(A + B) * itemsize, where A = bm * (bk + pad) (bk * (bm + pad) when "
     "transpose_a), B = bk * (bn + pad) (bn * (bk + pad) when transpose_b), pad = 16 / itemsize",
-    lambda p, chip, call: gemm_tile_bytes(p, call) <= chip.threadgroup_memory)
+    f"((bk * (bm + {_PAD}) if transpose_a else bm * (bk + {_PAD})) + (bn * (bk + {_PAD}) if "
+    f"transpose_b else bk * (bn + {_PAD}))) * {ITEMSIZE_EXPR}")
 
 
 _simdgroup_tiling = (
@@ -61,7 +63,7 @@ METAL_GEMM = Family(
     constraints=(
         *_simdgroup_tiling,
         threads_fit(lambda p: 32 * p["wm"] * p["wn"], "32 * wm * wn threads"),
-        _tiles_fit,
+        *_tiles_fit,
     ),
 )
 
@@ -79,10 +81,9 @@ METAL_SPLITK = Family(
     constraints=(
         *_simdgroup_tiling,
         threads_fit(lambda p: 32 * p["wm"] * p["wn"], "32 * wm * wn threads"),
-        _tiles_fit,
-        Constraint("parts * bk <= K (every part gets at least one step)",
-                   lambda p, chip, call: p["parts"] * p["bk"] <= call["K"], on_call=True),
-        Constraint("batch == 1", lambda p, chip, call: call["batch"] == 1, on_call=True),
+        *_tiles_fit,
+        Constraint.on_call_expr("parts * bk <= K", "every part gets at least one step"),
+        Constraint.on_call_expr("batch == 1"),
     ),
 )
 
@@ -104,8 +105,7 @@ METAL_GEMV = Family(
     constraints=(
         Constraint("sm * sn == 32 (one simdgroup)", lambda p, chip, call: p["sm"] * p["sn"] == 32),
         threads_fit(lambda p: 32 * p["bm"] * p["bn"], "32 * bm * bn threads"),
-        Constraint("M == 1 or N == 1", lambda p, chip, call: call["M"] == 1 or call["N"] == 1,
-                   on_call=True),
+        Constraint.on_call_expr("M == 1 or N == 1"),
     ),
 )
 
@@ -121,17 +121,11 @@ METAL_GEMV_WIDE = Family(
               "columns (no: one threadgroup column loops over them)"),
     ),
     constraints=(
-        Constraint("cdiv(M, vecs) <= 3 (at most three passes over the weight)",
-                   lambda p, chip, call: -(-call["M"] // p["vecs"]) <= 3, on_call=True),
-        Constraint("M >= 2 and N >= 2", lambda p, chip, call: call["M"] >= 2 and call["N"] >= 2,
-                   on_call=True),
-        Constraint("transpose_b and not transpose_a (a weight stored [N, K])",
-                   lambda p, chip, call: call["transpose_b"] and not call["transpose_a"],
-                   on_call=True),
-        Constraint("dtype in {f16, bf16}", lambda p, chip, call: call["dtype"] in ("f16", "bf16"),
-                   on_call=True),
-        Constraint("K % 4 == 0 (four-element loads)", lambda p, chip, call: call["K"] % 4 == 0,
-                   on_call=True),
+        Constraint.on_call_expr("cdiv(M, vecs) <= 3", "at most three passes over the weight"),
+        Constraint.on_call_expr("M >= 2 and N >= 2"),
+        Constraint.on_call_expr("transpose_b and not transpose_a", "a weight stored [N, K]"),
+        Constraint.on_call_expr("dtype in {f16, bf16}"),
+        Constraint.on_call_expr("K % 4 == 0", "four-element loads"),
     ),
 )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal, Union
 
 from ..chips import Chip
@@ -65,11 +66,51 @@ class Param:
         return self.allowed or (self.lo,)
 
 
+class NotApplicable(Exception):
+    """A constraint on the call, asked about without one (or without a feature it reads)."""
+
+
 @dataclass(frozen=True)
 class Constraint:
+    """A condition a configuration must meet.
+
+    Either a function of the parameters and the chip (`holds`), or — for every constraint
+    that reads the call — a DSL expression over the parameters (by name), the call's
+    features and `chip.<fact>`, made with `Constraint.on_call_expr`. Being DSL, the second
+    kind can be partially evaluated: with a configuration's parameters fixed, what remains
+    is a condition on the call that a tuned rule can state (tune/distill.py).
+    """
+
     text: str  # how the rule reads in messages and docs
-    holds: Callable[[Params, Chip, Call], bool]
+    holds: Callable[[Params, Chip, Call], bool] | None = None
     on_call: bool = False  # depends on the call's features: checked when a rule is selected
+    expr: str | None = None
+    #: a static bound that a constraint on the call refines: checked only without a call
+    without_call: bool = False
+
+    @classmethod
+    def on_call_expr(cls, expr: str, why: str = "") -> Constraint:
+        return cls(f"{expr} ({why})" if why else expr, on_call=True, expr=expr)
+
+    @cached_property
+    def ast(self):
+        from ..dsl.parser import parse_expression
+
+        return parse_expression(self.expr)
+
+    @cached_property
+    def _compiled(self):
+        from ..dsl.evaluate import compile_constraint
+
+        return compile_constraint(self.ast)
+
+    def check(self, params: Params, chip: Chip, call: Call | None) -> bool:
+        """Whether it holds; NotApplicable when it needs a call (or feature) not given."""
+        if self.expr is None:
+            return self.holds(params, chip, call or {})
+        if call is None:
+            raise NotApplicable
+        return self._compiled(params, chip, call)
 
 
 @dataclass(frozen=True)
@@ -90,18 +131,35 @@ class Family:
 
     def violations(self, params: Params, chip: Chip, call: Call | None = None) -> list[str]:
         """Broken constraints, as messages. Constraints on the call are checked only when
-        a call is given; a constraint whose parameters are missing is skipped."""
+        a call is given; one that reads a parameter not given (the checker passes only the
+        parameters whose values are constants) is skipped. Anything else a constraint
+        raises is a bug in it, and propagates."""
         broken = []
         for c in self.constraints:
-            if c.on_call and call is None:
+            if (c.on_call and call is None) or (c.without_call and call is not None):
                 continue
             try:
-                ok = c.holds(params, chip, call or {})
-            except (KeyError, ZeroDivisionError):
+                ok = c.check(params, chip, call)
+            except NotApplicable:
                 continue
+            except KeyError as err:
+                if err.args and err.args[0] in self.param_names and err.args[0] not in params:
+                    continue
+                raise
             if not ok:
                 broken.append(f"{self.name} needs {c.text}")
         return broken
+
+    def call_constraints(self) -> tuple[Constraint, ...]:
+        return tuple(c for c in self.constraints if c.expr is not None)
+
+    def __post_init__(self) -> None:
+        # (that every name in the expressions resolves is checked by tests/test_families.py:
+        # the DSL cannot be imported while the families are being defined)
+        for c in self.constraints:
+            if c.on_call and c.expr is None:
+                raise TypeError(f"{self.name}: a constraint on the call must be a DSL expression "
+                                f"(Constraint.on_call_expr): {c.text}")
 
     def search_space(self, chip: Chip, call: Call | None = None) -> Iterator[dict[str, ParamValue]]:
         """Every combination of the parameters' search values that meets the constraints."""

@@ -81,20 +81,21 @@ def attention_launcher(q: mx.array, k: mx.array, v: mx.array, config: KernelConf
                        scale: float, mask: str | mx.array | None = None,
                        softcap: float | None = None, window: int | None = None, stream=None):
     """A function that builds `attention(q, k, v, ..., config=config)` with the checks done
-    once up front, so that timing loops measure the kernel rather than Python."""
+    once up front, so that timing loops measure the kernel rather than Python. It takes an
+    optional replacement for `q` of the same shape and type (see matmul_launcher)."""
     backend = stream_backend(stream)
     if backend in gpu.GPU_BACKENDS:
         cfg = as_config(config, "attention", gpu.require_gpu("attention"))
         kwargs = dict(scale=scale, mask=mask, softcap=softcap, window=window, config=cfg,
                       stream=stream)
         gpu.attention(q, k, v, **kwargs)  # validates once
-        return lambda: gpu.attention(q, k, v, **kwargs)
+        return lambda first=q: gpu.attention(first, k, v, **kwargs)
     cfg = as_config(config, "attention", backend)
     cfg.check(chips.detect(backend), call_features(q, k, v, mask=mask, softcap=softcap,
                                                    window=window))
     family, params = cfg.family, cfg.ext_params()
-    return lambda: ext.attention(q, k, v, scale=scale, mask=mask, softcap=softcap, window=window,
-                                 family=family, params=params, stream=stream)
+    return lambda first=q: ext.attention(first, k, v, scale=scale, mask=mask, softcap=softcap,
+                                         window=window, family=family, params=params, stream=stream)
 
 
 def call_features(q, k, v, *, mask=None, softcap=None, window=None) -> dict:

@@ -100,7 +100,9 @@ def matmul_launcher(a: mx.array, b: mx.array, config: KernelConfig | str, *,
                     activation: str | None = "none", residual=None, scale: float | None = 1.0,
                     stream=None):
     """A function that builds `matmul(a, b, config=config, ...)` with the checks done once
-    up front, so that timing loops measure the kernel rather than Python."""
+    up front, so that timing loops measure the kernel rather than Python. It takes an
+    optional replacement for `a` of the same shape and type (the tuner passes `a` made to
+    depend on the previous launch, so launches run in a chain as in a model)."""
     backend = stream_backend(stream)
     if backend in gpu.GPU_BACKENDS:
         cfg = as_config(config, "matmul", gpu.require_gpu("matmul"))
@@ -108,15 +110,15 @@ def matmul_launcher(a: mx.array, b: mx.array, config: KernelConfig | str, *,
                       residual=residual, stream=stream,
                       epilogue=_gpu_epilogue(bias, activation, residual, scale))
         gpu.matmul(a, b, **kwargs)  # validates once
-        return lambda: gpu.matmul(a, b, **kwargs)
+        return lambda first=a: gpu.matmul(first, b, **kwargs)
     cfg = as_config(config, "matmul", backend)
     epilogue = _epilogue_args(bias, activation, residual, scale)
     features = call_features(a, b, transpose_a, transpose_b,
                              epilogue=epilogue_kind(bias, activation, residual, scale))
     cfg.check(chips.detect(backend), features)
     family, params = cfg.family, cfg.ext_params()
-    return lambda: ext.matmul(a, b, family, params, transpose_a, transpose_b, stream=stream,
-                              **epilogue)
+    return lambda first=a: ext.matmul(first, b, family, params, transpose_a, transpose_b,
+                                      stream=stream, **epilogue)
 
 
 def call_features(a, b, transpose_a: bool = False, transpose_b: bool = False,

@@ -1,5 +1,9 @@
 """What the tuner needs to know of each op: its inputs, reference, launchers and the
-built-in MLX op it is measured against. One adapter per op; the rest of tune/ is generic."""
+built-in MLX op it is measured against. One adapter per op; the rest of tune/ is generic.
+
+A launcher returns a `timing.Launch`: given the previous launch's output it makes its
+first operand depend on it (`mx.depends`, no data moves), so that timed launches run one
+after another as a model's layers do."""
 
 from __future__ import annotations
 
@@ -10,10 +14,16 @@ import mlx.core as mx
 import numpy as np
 
 from ..config import KernelConfig
-from .verify import random_operand, to_f64
+from .correctness import random_operand, to_f64
+from .timing import Launch
 from .workloads import AttentionShape, MatmulShape
 
-Launch = Callable[[], mx.array]
+
+def chained(first: mx.array, call: Callable[[mx.array], mx.array]) -> Launch:
+    """`call(first)`, or `call(first made to depend on after)`."""
+    def launch(after: mx.array | None = None) -> mx.array:
+        return call(first if after is None else mx.depends(first, after))
+    return launch
 
 
 class MatmulAdapter:
@@ -33,12 +43,12 @@ class MatmulAdapter:
         from ..ops import matmul_launcher
 
         a, b = inputs
-        return matmul_launcher(a, b, config, transpose_b=shape.transpose_b)
+        return chained(a, matmul_launcher(a, b, config, transpose_b=shape.transpose_b))
 
     def builtin(self, shape: MatmulShape, inputs) -> Launch:
         a, b = inputs
         bt = mx.swapaxes(b, -1, -2) if shape.transpose_b else b
-        return lambda: mx.matmul(a, bt)
+        return chained(a, lambda first: mx.matmul(first, bt))
 
     def variants(self, shape: MatmulShape) -> list[MatmulShape]:
         """The shape and a nearby one with odd sizes, so edge handling is verified too."""
@@ -87,7 +97,7 @@ class AttentionAdapter:
         from ..ops import attention_launcher
 
         q, k, v = inputs
-        return attention_launcher(q, k, v, config, **self._options(shape))
+        return chained(q, attention_launcher(q, k, v, config, **self._options(shape)))
 
     def _options(self, shape: AttentionShape) -> dict:
         return dict(scale=self._scale(shape), mask="causal" if shape.mask == "causal" else None,
@@ -98,7 +108,8 @@ class AttentionAdapter:
             return None  # MLX's op has neither
         q, k, v = inputs
         mask = "causal" if shape.mask == "causal" else None
-        return lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=self._scale(shape), mask=mask)
+        return chained(q, lambda first: mx.fast.scaled_dot_product_attention(
+            first, k, v, scale=self._scale(shape), mask=mask))
 
     def variants(self, shape: AttentionShape) -> list[AttentionShape]:
         shorter = 3 if shape.kv_len > 8 else 0

@@ -19,6 +19,10 @@ from collections.abc import Sequence
 
 DEFAULT_COMMAND = (sys.executable, "-m", "kernelevo.tune.worker")
 
+#: numpy's BLAS threads (the float64 references) must sleep between calls, or their
+#: spinning takes the cores the next timing needs
+QUIET_BLAS = {"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "PASSIVE"}
+
 
 class WorkerPool:
     def __init__(self, command: Sequence[str] = DEFAULT_COMMAND, timeout_s: float = 300.0,
@@ -27,6 +31,7 @@ class WorkerPool:
         self.timeout_s = timeout_s
         self.start_timeout_s = start_timeout_s
         self.restarts = 0
+        self.started = 0  # worker processes started (a fresh worker per `fresh()`)
         self._proc: subprocess.Popen | None = None
         self._buffer = b""
         self._stderr = tempfile.TemporaryFile()
@@ -48,12 +53,17 @@ class WorkerPool:
                     self._proc.wait()
             self._proc = None
 
+    def fresh(self) -> None:
+        """The next job runs in a new worker process (nothing cached, nothing warm)."""
+        self.close()
+
     def _start(self) -> None:
         self._stderr.seek(0)
         self._stderr.truncate()
         self._buffer = b""
         self._proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=self._stderr)
+                                      stderr=self._stderr, env={**QUIET_BLAS, **os.environ})
+        self.started += 1
         ready, _ = self._read_line(self.start_timeout_s)
         if ready is None or not json.loads(ready).get("ready"):
             raise RuntimeError(f"the tuning worker did not start: {self._stderr_tail()}")

@@ -1,10 +1,18 @@
 """A tuning run.
 
-For every shape of a workload: verify and time the shipped choice and MLX's own op, search
-the families' parameter spaces (every candidate verified in the dtype that runs before it
-is timed, paired with the shipped choice), time the best few again, then time each group's
-finalists on the group's other shapes so that one configuration can serve many, distill
-the winners into readable rules placed before the shipped ones, and write the file.
+1. For every training shape: the A/A control (the shipped choice, verified, timed against
+   itself: the shape's noise band) and MLX's own op; a search of the families' parameter
+   spaces (every candidate verified in the dtype that runs before it is timed, paired with
+   the shipped choice); the best few confirmed with three times the repetitions.
+2. Each group's winners are confirmed on the group's other shapes, so one configuration
+   can be shown to serve many.
+3. Distillation grows decision trees at several depths from confirmed timings only
+   (distill.py); each is scored on the held-out shapes, leaves the held-out shapes do not
+   confirm are dropped, and per group the smallest tree within 2% of the best is kept.
+4. Every rule left is re-timed in fresh workers on every shape it claims (reproduce.py);
+   one that does not reproduce is dropped. The claims written are those re-timed figures.
+5. The program is written, and the run's results — observed medians of both sides — go
+   to the database.
 
 Candidates run in a worker process (pool.py): a crash or hang is recorded and the worker
 replaced. Every measurement is committed as it is taken (db.py): a run killed at any
@@ -13,7 +21,6 @@ moment resumes where it stopped.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -23,18 +30,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .. import chips, heuristics, ops
+from .. import ops
 from ..chips import Chip
 from ..config import KernelConfig
 from ..dsl import parse
 from ..dsl.select import CompiledProgram
 from ..families import families_for
-from ..lowering import templates_hash
 from ..paths import tuned_heuristics_path
-from . import DEFAULT_CANDIDATES
+from . import DEFAULT_CANDIDATES, distill
 from .db import MLX_BUILTIN, Database, Measurement
-from .distill import Distilled, distill
-from .pool import DEFAULT_COMMAND, WorkerPool
+from .distill import Distilled, Evidence, TunedRule
+from .measure import MeasureSettings, Measurer, geomean, noise_band, shape_json
+from .pool import DEFAULT_COMMAND
+from .reproduce import Reproduction, claim_text, reproduce
+from .score import Scorer
 from .search import Space, make_strategy
 from .workloads import Shape, Workload
 
@@ -45,35 +54,73 @@ Progress = Callable[[int, int, str], None]
 class TuneSettings:
     strategy: str = "evolve"
     candidates: int = DEFAULT_CANDIDATES  # configurations searched per shape, besides the shipped one
-    reps: int = 5
+    reps: int = 5  # pairs per search measurement; control, confirm and reproduce take 3x
     warmup: int = 1
     seed: int = 0
     min_speedup: float = 1.03  # a tuned rule must beat the shipped one by this much
-    confirm: int = 3  # the best few are timed again (3x the repetitions) before one wins
-    cross: int = 6  # finalists per group timed on the group's other shapes
+    confirm: int = 3  # the best few of the search are confirmed before one may win
+    cross: int = 4  # winners per group confirmed on the group's other shapes
     time_budget_s: float | None = None  # stop searching (not confirming) after this long
     job_timeout_s: float = 300.0
+    patience_s: float = 10.0  # how long a measurement waits for a quiet machine
+    reproduce_rounds: int = 2  # fresh workers that re-time each rule before it is written
+
+    def measure_settings(self) -> MeasureSettings:
+        return MeasureSettings(self.reps, self.warmup, self.seed, self.job_timeout_s, self.patience_s)
 
 
 @dataclass
 class ShapeResult:
     shape: Shape
     shipped: KernelConfig
-    shipped_s: float | None = None
-    mlx_s: float | None = None
-    best: KernelConfig | None = None  # the per-shape winner, when it beat the shipped choice
-    best_s: float | None = None
-    speedup: float = 1.0  # of what the written heuristics choose, over the shipped choice
-    chosen: KernelConfig | None = None  # what the written heuristics choose
-    ratios: dict[str, float] = field(default_factory=dict)  # config -> time / shipped time
-    measured: int = 0
-    reused: int = 0
-    failed: int = 0
+    split: str = "train"
+    control: Measurement | None = None  # the A/A pair
+    mlx: Measurement | None = None  # MLX's own op against the shipped choice
+    search: dict[str, float] = field(default_factory=dict)  # config -> search-phase ratio
+    confirmed: dict[str, Measurement] = field(default_factory=dict)  # usable confirmations
     failure: str | None = None  # why the shipped choice itself failed
 
     @property
-    def best_speedup(self) -> float:
-        return 1.0 / min(self.ratios.values(), default=1.0) if self.best else 1.0
+    def band(self) -> float | None:
+        return noise_band(self.control)
+
+    @property
+    def best(self) -> tuple[str, float] | None:
+        """The confirmed configuration with the lowest ratio, and that ratio."""
+        if not self.confirmed:
+            return None
+        config = min(self.confirmed, key=lambda c: (self.confirmed[c].ratio, c))
+        return config, self.confirmed[config].ratio
+
+    def evidence(self) -> Evidence | None:
+        if self.band is None:
+            return None
+        return Evidence(self.shape, self.band, {c: m.ratio for c, m in self.confirmed.items()})
+
+
+@dataclass
+class ShapeOutcome:
+    """What the written program does on one shape, with the observed timings."""
+
+    split: str
+    shape: Shape
+    shipped: str
+    chosen: str
+    rule: int | None = None
+    reproduction: Reproduction | None = None
+    band: float | None = None
+    mlx_ratio: float | None = None
+    control: Measurement | None = None
+
+    @property
+    def ratio(self) -> float:
+        if self.reproduction is None:
+            return 1.0
+        return self.reproduction.ratio or 1.0
+
+    @property
+    def speedup(self) -> float:
+        return 1.0 / self.ratio
 
 
 @dataclass
@@ -81,101 +128,50 @@ class TuneResult:
     run_id: int
     chip: Chip
     output: Path | None = None
-    shapes: list[ShapeResult] = field(default_factory=list)
+    shapes: list[ShapeResult] = field(default_factory=list)  # training shapes tuned
+    outcomes: list[ShapeOutcome] = field(default_factory=list)  # train and held-out
     skipped: list[str] = field(default_factory=list)
     distilled: Distilled | None = None
+    dropped: list[str] = field(default_factory=list)  # rules not written, with the reason
     elapsed_s: float = 0.0
     restarts: int = 0
+    measured: int = 0
+    reused: int = 0
+    failed: int = 0
+    loaded: int = 0  # measurements taken on a busy machine (never decide anything)
+    watched: bool = True  # the machine's load could be read
 
-    @staticmethod
-    def _geomean(values) -> float:
-        values = list(values)
-        return math.exp(sum(math.log(v) for v in values) / len(values)) if values else 1.0
-
-    @property
-    def geomean_speedup(self) -> float:
-        """Of the written heuristics over the shipped ones, on the measured shapes."""
-        return self._geomean(s.speedup for s in self.shapes if s.shipped_s)
+    def geomean_speedup(self, split: str = "train") -> float:
+        """Of the written heuristics over the shipped ones, observed in fresh workers."""
+        return geomean(o.speedup for o in self.outcomes if o.split == split)
 
     @property
     def geomean_best(self) -> float:
-        """Of each shape's own winner over the shipped choice: the distillation's bound."""
-        return self._geomean(max(s.best_speedup, 1.0) for s in self.shapes if s.shipped_s)
-
-
-def template_hash(backend: str) -> str:
-    """What the measurements of `backend` are valid for: the compiled CPU kernels' source
-    hash, or the GPU templates' and lowering's."""
-    if backend == "cpu":
-        return ops._ext.build_info()["cpu_kernel_hash"]
-    return templates_hash(backend)
-
-
-def shape_json(shape: Shape) -> str:
-    data = asdict(shape)
-    data.pop("label", None)
-    return json.dumps(data, sort_keys=True)
-
-
-def _group(shape: Shape) -> tuple:
-    """Shapes whose configurations are worth comparing with each other."""
-    f = shape.features()
-    if shape.op == "matmul":
-        return ("matmul", f["dtype"], f["transpose_b"], f["M"] <= 16)
-    return ("attention", f["dtype"], f["q_len"] <= 8, f["mask"])
+        """Of each training shape's own confirmed winner over the shipped choice: the
+        distillation's bound."""
+        return geomean(max(1.0 / s.best[1], 1.0) if s.best else 1.0 for s in self.shapes)
 
 
 class Tuner:
     def __init__(self, backend: str, db: Database, settings: TuneSettings = TuneSettings(),
                  progress: Progress | None = None, worker_command: Sequence[str] = DEFAULT_COMMAND):
         self.backend = backend
-        self.chip = chips.detect(backend)
         self.db = db
         self.settings = settings
-        self.progress = progress or (lambda done, total, what: None)
-        self.worker_command = worker_command
-        self.template_hash = template_hash(backend)
-        source = heuristics.find_source(backend, self.chip, include_tuned=False)
-        self.shipped_path = source.path
-        text = source.path.read_text(encoding="utf-8")
-        self.shipped = CompiledProgram(parse(text, str(source.path)), text, str(source.path), self.chip)
+        self.report_progress = progress or (lambda done, total, what: None)
+        self.measurer = Measurer(backend, db, settings.measure_settings(), worker_command,
+                                 progress=self._step)
+        self.chip = self.measurer.chip
+        self.shipped = self.measurer.shipped
+        self.shipped_path = Path(self.shipped.path)
         self._done = self._total = 0
         self._started = 0.0
+        self._workload = ""
 
-    # -- measurements ------------------------------------------------------------------
-    def _measure(self, pool: WorkerPool, run_id: int, shape: Shape, config: str, result: ShapeResult,
-                 phase: str = "search", baseline: str | None = None, verify: bool = True) -> Measurement:
-        key = dict(chip=self.chip.id, backend=self.backend, template_hash=self.template_hash,
-                   op=shape.op, shape_key=shape.key, config=config, phase=phase)
-        done = self.db.latest(**key)
-        if done is not None:  # measured before (a resumed run): never twice
-            result.reused += 1
-        else:
-            reps = self.settings.reps * (3 if phase == "confirm" else 1)
-            seed = self.settings.seed + zlib.crc32(f"{shape.key}:{config}".encode()) % 100_000
-            job = {"op": shape.op, "shape": json.loads(shape_json(shape)), "backend": self.backend,
-                   "config": config, "baseline": baseline, "reps": reps,
-                   "warmup": self.settings.warmup, "seed": seed, "verify": verify}
-            outcome = pool.run(job)
-            result.measured += 1
-            samples = outcome.get("samples")
-            self.db.record(run_id=run_id, **key, status=outcome["status"], reason=outcome.get("reason"),
-                           error=outcome.get("error"), median_s=outcome.get("median_s"),
-                           q1_s=outcome.get("q1_s"), q3_s=outcome.get("q3_s"),
-                           min_s=outcome.get("min_s"), samples=tuple(samples) if samples else None,
-                           baseline=f"shipped: {baseline}" if baseline else None,
-                           baseline_config=baseline,
-                           baseline_median_s=outcome.get("baseline_median_s"), ratio=outcome.get("ratio"))
-            done = self.db.latest(**key)
-        if not done.ok:
-            result.failed += 1
-        elif done.ratio is not None and config not in (MLX_BUILTIN,):
-            # confirmations overrule a first impression
-            if phase == "confirm" or config not in result.ratios:
-                result.ratios[config] = done.ratio
+    def _step(self, what: str) -> None:
         self._done += 1
-        self.progress(self._done, self._total, str(shape))
-        return done
+        self._total = max(self._total, self._done)
+        self.report_progress(self._done, self._total, what)
 
     def _out_of_time(self) -> bool:
         budget = self.settings.time_budget_s
@@ -184,57 +180,61 @@ class Tuner:
     # -- a whole run -------------------------------------------------------------------
     def run(self, workload: Workload, output: Path | None = None, write: bool = True) -> TuneResult:
         self._started = time.perf_counter()
-        settings = asdict(self.settings)
-        run_id = self.db.start_run(self.chip.id, self.backend, workload.name, settings)
+        self._workload = workload.source or workload.name
+        run_id = self.db.start_run(self.chip.id, self.backend, workload.name, asdict(self.settings))
+        self.measurer.run_id = run_id
         result = TuneResult(run_id, self.chip)
-        shapes = []
-        for shape in workload.shapes:
+        labelled = []
+        for split, shape in workload.labelled():
             if not families_for(shape.op, self.backend) or not self.shipped.has(shape.op):
                 reason = f"{shape.op}: no {self.backend} kernels or shipped rules"
                 if reason not in result.skipped:
                     result.skipped.append(reason)
                 continue
-            shapes.append(shape)
-        self.db.set_run_shapes(run_id, [(s.op, s.key, shape_json(s), s.label) for s in shapes])
+            labelled.append((split, shape))
+        self.db.set_run_shapes(run_id, [(s.op, s.key, shape_json(s), s.label, split) for split, s in labelled])
+        train = [s for split, s in labelled if split == "train"]
+        held_out = [s for split, s in labelled if split == "held-out"]
         per_shape = 2 + self.settings.candidates + self.settings.confirm
-        self._total = len(shapes) * per_shape + len(shapes) * self.settings.cross
+        self._total = len(train) * per_shape + len(held_out) * 2
         try:
-            with WorkerPool(self.worker_command, self.settings.job_timeout_s) as pool:
-                for shape in shapes:
-                    tuned = self._tune_shape(pool, run_id, shape)
-                    if tuned.shipped_s is None:  # no baseline to compare with: left as shipped
+            with self.measurer:
+                for shape in train:
+                    tuned = self._tune_shape(shape)
+                    if tuned.control is None or not tuned.control.ok:
                         result.skipped.append(f"{shape}: the shipped choice {tuned.shipped.to_dsl()} "
                                               f"failed ({tuned.failure})")
                     else:
                         result.shapes.append(tuned)
-                self._cross_time(pool, run_id, result)
-                result.restarts = pool.restarts
-            result.distilled = distill(result.shapes, self.settings.min_speedup)
-            self._apply(result)
-            self.db.set_run_results(run_id, [
-                {"shape_key": s.shape.key, "op": s.shape.op, "shipped_config": s.shipped.to_dsl(),
-                 "shipped_s": s.shipped_s, "mlx_s": s.mlx_s, "chosen_config": s.chosen.to_dsl(),
-                 "speedup": s.speedup, "best_speedup": max(s.best_speedup, 1.0)} for s in result.shapes])
+                self._cross_time(result.shapes)
+                rules = self._distill(result, held_out)
+                self._reproduce(result, rules, labelled)
+                result.restarts = self.measurer.restarts
+            self._summarise(result)
             if write:
                 result.output = self.write(result, output)
             self.db.finish_run(run_id, "finished", str(result.output) if result.output else None)
         except KeyboardInterrupt:
             self.db.finish_run(run_id, "interrupted", None)
             raise
+        except BaseException:
+            self.db.finish_run(run_id, "failed", None)
+            raise
         result.elapsed_s = time.perf_counter() - self._started
         return result
 
-    def _tune_shape(self, pool: WorkerPool, run_id: int, shape: Shape) -> ShapeResult:
-        shipped = self.shipped.select(shape.op, shape.features()).config
+    def _tune_shape(self, shape: Shape) -> ShapeResult:
+        m = self.measurer
+        shipped = m.shipped_config(shape)
         result = ShapeResult(shape, shipped)
         base = shipped.to_dsl()
-        own = self._measure(pool, run_id, shape, base, result, baseline=base)
-        if not own.ok:
-            result.failure = own.reason
+        control = m.control(shape)
+        result.control = control
+        if not control.ok:
+            result.failure = control.reason
             return result
-        result.shipped_s = own.median_s
-        builtin = self._measure(pool, run_id, shape, MLX_BUILTIN, result, baseline=base, verify=False)
-        result.mlx_s = builtin.median_s if builtin.ok else None
+        if base != MLX_BUILTIN:
+            result.mlx = m.measure(shape, MLX_BUILTIN, "confirm", verify=False)
 
         space = Space(shape.op, self.backend, self.chip, shape.features())
         strategy = make_strategy(self.settings.strategy, space,
@@ -245,54 +245,203 @@ class Tuner:
             if not batch:
                 break
             for config in batch:
-                row = self._measure(pool, run_id, shape, config.to_dsl(), result, baseline=base)
-                strategy.tell(config, row.ratio if row.ok else None)
+                row = m.measure(shape, config.to_dsl(), "search")
+                usable = row.ok and row.ratio is not None
+                strategy.tell(config, row.ratio if usable else None)
+                if usable:
+                    result.search[config.to_dsl()] = row.ratio
                 searched += 1
-        self._done += self.settings.candidates - searched  # budget left unused
-        # One pairing on a busy machine can flatter a candidate: the best few are timed
-        # again with more repetitions, and only that second figure can make a winner.
-        finalists = sorted((r, c) for c, r in result.ratios.items() if c != base)[:self.settings.confirm]
+        # A search figure is a first look (one pairing, few repetitions): the best few are
+        # timed again with more, and only that second figure can make a winner.
+        finalists = sorted((r, c) for c, r in result.search.items() if c != base)[:self.settings.confirm]
         for _, config in finalists:
-            self._measure(pool, run_id, shape, config, result, "confirm", baseline=base)
-        self._done += self.settings.confirm - len(finalists)
-        names = {c for _, c in finalists}
-        confirmed = {c: r for c, r in result.ratios.items() if c in names}
-        if confirmed:
-            config, ratio = min(confirmed.items(), key=lambda kv: kv[1])
-            if 1.0 / ratio >= self.settings.min_speedup:
-                result.best = KernelConfig.parse(config, shape.op, self.backend)
-                result.best_s = result.shipped_s * ratio
+            row = m.measure(shape, config, "confirm")
+            if row.usable:
+                result.confirmed[config] = row
         return result
 
-    def _cross_time(self, pool: WorkerPool, run_id: int, result: TuneResult) -> None:
-        """Times each group's finalists on the group's other shapes: the data that lets
-        one rule serve several shapes."""
+    def _cross_time(self, shapes: Sequence[ShapeResult]) -> None:
+        """Confirms each group's winners on the group's other shapes: the evidence that
+        lets one rule serve several shapes."""
         groups: dict[tuple, list[ShapeResult]] = defaultdict(list)
-        for s in result.shapes:
-            groups[_group(s.shape)].append(s)
+        for s in shapes:
+            groups[distill.group_key(s.shape.op, s.shape.features())].append(s)
         for members in groups.values():
-            winners = sorted((s for s in members if s.best), key=lambda s: -s.best_speedup)
-            finalists = list(dict.fromkeys(s.best.to_dsl() for s in winners))[:self.settings.cross]
+            winners = sorted((s.best[1], s.best[0]) for s in members
+                             if s.best and 1.0 / s.best[1] >= self.settings.min_speedup)
+            finalists = list(dict.fromkeys(c for _, c in winners))[:self.settings.cross]
             for s in members:
                 for config in finalists:
                     if self._out_of_time():
                         return
-                    if config in s.ratios or not self._valid_for(config, s.shape):
+                    if config in s.confirmed or not self.measurer.valid_for(config, s.shape):
                         continue
-                    self._measure(pool, run_id, s.shape, config, s, baseline=s.shipped.to_dsl())
+                    row = self.measurer.measure(s.shape, config, "confirm")
+                    if row.usable:
+                        s.confirmed[config] = row
 
-    def _valid_for(self, config: str, shape: Shape) -> bool:
-        cfg = KernelConfig.parse(config, shape.op, self.backend)
-        return not cfg.schema.violations(cfg.as_dict(), self.chip, shape.features())
+    # -- distillation judged on held-out shapes ---------------------------------------
+    def _program(self, rules: Sequence[TunedRule]) -> CompiledProgram:
+        text = Distilled(list(rules)).render(self.shipped.program, self.shipped_path.name, self.chip)
+        return CompiledProgram(parse(text, "<candidate>"), text, "<candidate>", self.chip)
 
-    def _apply(self, result: TuneResult) -> None:
-        """Records what the distilled rules choose for each shape, and its speedup."""
-        for s in result.shapes:
-            chosen = result.distilled.choice.get(s.shape.key) if result.distilled else None
-            s.chosen = chosen or s.shipped
-            s.speedup = 1.0 / s.ratios[chosen.to_dsl()] if chosen else 1.0
+    def _distill(self, result: TuneResult, held_out: Sequence[Shape]) -> list[TunedRule]:
+        evidence = [e for e in (s.evidence() for s in result.shapes) if e is not None]
+        per_depth = distill.candidates(evidence, self.backend, self.chip, self.settings.min_speedup)
+        if not held_out:
+            # Nothing to judge on: the deepest tree, restricted to the training evidence.
+            chosen = {key: len(per_depth) - 1 for key in per_depth[0]}
+            return [r for key, d in chosen.items() for r in per_depth[d][key]]
+        scorer = Scorer(self.measurer, live=True, with_mlx=False)
+        kept: list[dict[tuple, list[TunedRule]]] = []
+        group_scores: dict[tuple[tuple, int], float | None] = {}
+        why_dropped: dict[tuple[tuple, int], list[str]] = defaultdict(list)
+        for depth, by_group in enumerate(per_depth):
+            rules = [r for group in by_group.values() for r in group]
+            program = self._program(rules)
+            scores = {s.shape.key: s for s in scorer.score(program, [("held-out", h) for h in held_out]).shapes}
+            survivors: dict[tuple, list[TunedRule]] = {}
+            for key, group in by_group.items():
+                members = [h for h in held_out if distill.group_key(h.op, h.features()) == key]
+                survivors[key] = []
+                for r in group:
+                    why = self._held_out_objection(r, rules, members, scores)
+                    if why:
+                        why_dropped[(key, depth)].append(why)
+                    else:
+                        survivors[key].append(r)
+                if members:
+                    group_scores[(key, depth)] = geomean(
+                        (scores[h.key].speedup or 1.0) if self._selects_kept(scores[h.key], rules, survivors[key])
+                        else 1.0 for h in members)
+                else:
+                    group_scores[(key, depth)] = None
+            kept.append(survivors)
+        depths = distill.choose_depths(kept, lambda key, d: group_scores.get((key, d)))
+        for key, d in depths.items():
+            result.dropped += why_dropped[(key, d)]
+        return [r for key, d in depths.items() for r in kept[d].get(key, [])]
 
-    # -- output ------------------------------------------------------------------------
+    @staticmethod
+    def _rule_of(score, rules: Sequence[TunedRule]) -> TunedRule | None:
+        """The tuned rule that chose for a scored shape (tuned rules come first in their
+        section, in order), or None where a shipped rule chose."""
+        mine = [r for r in rules if r.op == score.shape.op]
+        if score.rule is None or score.rule > len(mine):
+            return None
+        return mine[score.rule - 1]
+
+    def _selects_kept(self, score, rules, kept) -> bool:
+        rule = self._rule_of(score, rules)
+        return rule is not None and any(rule is k for k in kept)
+
+    def _held_out_objection(self, rule: TunedRule, rules: Sequence[TunedRule],
+                            members: Sequence[Shape], scores: dict) -> str | None:
+        """Why the held-out shapes do not confirm a rule, or None when they do: some select
+        it, none of them is slower than its noise band or unmeasurable, and their
+        geometric mean clears the minimum speedup."""
+        mine = [scores[h.key] for h in members if self._rule_of(scores[h.key], rules) is rule]
+        where = f"{rule.config.to_dsl()} for {len(rule.training)} training shape(s)"
+        if not mine:
+            return f"{where}: no held-out shape falls under it"
+        bad = [s for s in mine if s.ratio is None]
+        if bad:
+            return f"{where}: held-out {bad[0].shape} {bad[0].status} ({bad[0].reason})"
+        slower = [s for s in mine if s.slower_than_noise]
+        if slower:
+            return (f"{where}: held-out {slower[0].shape} is {slower[0].speedup:.2f}x "
+                    f"(slower than its noise band)")
+        speedup = geomean(s.speedup for s in mine)
+        if speedup < self.settings.min_speedup:
+            return (f"{where}: {speedup:.2f}x on {len(mine)} held-out shape(s), under the "
+                    f"minimum {self.settings.min_speedup:.2f}x")
+        return None
+
+    # -- re-timing in fresh workers ----------------------------------------------------
+    def _reproduce(self, result: TuneResult, rules: list[TunedRule],
+                   labelled: Sequence[tuple[str, Shape]]) -> None:
+        """Re-times every rule on every shape it selects in fresh workers; keeps the rules
+        whose speedup reproduces, with those figures as their claims."""
+        items = reproduce(self.measurer, self._program(rules), labelled,
+                          self.settings.reproduce_rounds) if rules else []
+        by_rule: dict[int, list[Reproduction]] = defaultdict(list)
+        for item in items:
+            rule = self._rule_of(item, rules)
+            if rule is not None:
+                by_rule[id(rule)].append(item)
+        kept = []
+        for rule in rules:
+            mine = by_rule.get(id(rule), [])
+            problem = next((i.problem for i in mine if i.problem), None)
+            where = f"{rule.config.to_dsl()} for {len(rule.training)} training shape(s)"
+            if problem:
+                result.dropped.append(f"{where}: not re-timed cleanly ({problem})")
+                continue
+            speedups = [i.speedup for i in mine]
+            slower = [i for i in mine if i.ratio > 1.0 + (self.measurer.band(i.shape) or 0.0)]
+            total = geomean(speedups)
+            if not mine or total < self.settings.min_speedup or slower:
+                why = (f"{slower[0].shape} {slower[0].speedup:.2f}x" if slower
+                       else f"{total:.2f}x over {len(mine)} shape(s)")
+                result.dropped.append(f"{where}: did not reproduce in a fresh worker ({why})")
+                continue
+            train = [i.speedup for i in mine if i.split == "train"]
+            held = [i.speedup for i in mine if i.split == "held-out"]
+            rule.claim = claim_text(geomean(train), len(train), geomean(held) if held else None,
+                                    len(held), result.run_id)
+            kept.append(rule)
+        result.distilled = Distilled(kept, header=(f"# Workload: {self._workload}",))
+        # What the written program does on every shape, from the re-timings.
+        program = self._program(kept)
+        timed = {(i.split, i.shape.key): i for i in items if self._rule_of(i, kept) is not None}
+        train_results = {s.shape.key: s for s in result.shapes}
+        for split, shape in labelled:
+            selection = program.select(shape.op, shape.features())
+            tuned = train_results.get(shape.key) if split == "train" else None
+            outcome = ShapeOutcome(split, shape, self.measurer.shipped_config(shape).to_dsl(),
+                                   selection.config.to_dsl(), selection.rule_number,
+                                   timed.get((split, shape.key)))
+            if tuned is not None:
+                outcome.band, outcome.control = tuned.band, tuned.control
+                outcome.mlx_ratio = tuned.mlx.ratio if tuned.mlx and tuned.mlx.ok else None
+            else:
+                outcome.band = self.measurer.band(shape)
+            result.outcomes.append(outcome)
+
+    # -- results and output ------------------------------------------------------------
+    def _summarise(self, result: TuneResult) -> None:
+        m = self.measurer
+        result.measured, result.reused, result.failed = m.measured, m.reused, m.failed
+        rows = self.db.measurements(run_id=result.run_id)
+        result.loaded = sum(1 for r in rows if r.loaded)
+        result.watched = any(r.load_watched for r in rows) or not rows
+        db_rows = []
+        for o in result.outcomes:
+            row = {"op": o.shape.op, "shape_key": o.shape.key, "split": o.split, "label": o.shape.label,
+                   "shipped_config": o.shipped, "chosen_config": o.chosen,
+                   "rule": str(o.rule) if o.rule else None, "band": o.band, "mlx_ratio": o.mlx_ratio}
+            r = o.reproduction
+            if r is not None and r.ratio is not None:
+                shipped, chosen, quart = r.times("shipped"), r.times("chosen"), r.ratio_quartiles
+                row.update(measurement_id=r.rows[-1].id, ratio=r.ratio,
+                           shipped_s=shipped[0], shipped_q1_s=shipped[1], shipped_q3_s=shipped[2],
+                           chosen_s=chosen[0], chosen_q1_s=chosen[1], chosen_q3_s=chosen[2],
+                           ratio_q1=quart[0] if quart else None, ratio_q3=quart[1] if quart else None,
+                           note=f"re-timed in {len(r.usable)} fresh worker(s)")
+            else:
+                row.update(ratio=1.0, note="the shipped choice (nothing to time against)")
+                if o.control is not None and o.control.ok:
+                    row.update(measurement_id=o.control.id, shipped_s=o.control.baseline_median_s,
+                               shipped_q1_s=o.control.baseline_q1_s, shipped_q3_s=o.control.baseline_q3_s)
+            db_rows.append(row)
+        self.db.set_shape_results(result.run_id, db_rows)
+        self.db.set_run_summary(result.run_id, {
+            "train_speedup": result.geomean_speedup("train"),
+            "held_out_speedup": result.geomean_speedup("held-out"),
+            "best_speedup": result.geomean_best, "rules": len(result.distilled.rules),
+            "dropped": result.dropped, "loaded": result.loaded, "measured": result.measured,
+            "reused": result.reused, "failed": result.failed, "watched": result.watched})
+
     def write(self, result: TuneResult, output: Path | None) -> Path:
         text = result.distilled.render(self.shipped.program, self.shipped_path.name, self.chip)
         path = Path(output) if output else tuned_heuristics_path(self.chip.id)

@@ -10,6 +10,7 @@ stderr. Timing happens here, in the process that runs the kernel.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ from ..dsl import DSLError
 from .adapters import ADAPTERS
 from .db import MLX_BUILTIN
 from .timing import time_one, time_paired
-from .verify import compare
+from .correctness import compare
 from .workloads import AttentionShape, MatmulShape
 
 SHAPES = {"matmul": MatmulShape, "attention": AttentionShape}
@@ -68,7 +69,7 @@ class Worker:
                 if i == 0:
                     raise
                 continue  # the configuration does not apply at the odd neighbour (a call constraint)
-            out = launch()
+            out = launch(None)
             check = compare(out, adapter.reference(variant, inputs), shape.dtype)
             worst = max(worst, check.error)
             if not check.ok:
@@ -76,6 +77,9 @@ class Worker:
         return True, worst, ""
 
     def measure(self, job: dict) -> dict:
+        """Verifies (unless told not to) and times one configuration, paired with a baseline
+        when the job names one (the baseline may be the configuration itself: an A/A
+        control)."""
         shape = SHAPES[job["op"]](**job["shape"])
         backend, config, baseline = job["backend"], job["config"], job.get("baseline")
         try:
@@ -88,16 +92,21 @@ class Worker:
             launch = self.launcher(shape, inputs, config, backend)
             if baseline is None:
                 t = time_one(launch, job["reps"], job["warmup"])
-                return {"status": "ok", "error": error, "median_s": t.median_s, "q1_s": t.q1_s,
-                        "q3_s": t.q3_s, "min_s": t.min_s, "samples": list(t.samples)}
+                return {"status": "ok", "error": error, **_timing(t), "pid": os.getpid()}
             base = self.launcher(shape, inputs, baseline, backend)
-            t = time_paired(launch, base, job["reps"], job["warmup"])
+            t = time_paired(launch, base, job["reps"], job["warmup"],
+                            patience_s=job.get("patience_s", 10.0))
         except (ConfigError, DSLError, ValueError, RuntimeError, MemoryError) as err:
             return {"status": "error", "reason": f"{type(err).__name__}: {err}"}
-        c = t.candidate
-        return {"status": "ok", "error": error, "median_s": c.median_s, "q1_s": c.q1_s,
-                "q3_s": c.q3_s, "min_s": c.min_s, "samples": list(c.samples),
-                "baseline_median_s": t.baseline.median_s, "ratio": t.ratio}
+        return {"status": "ok", "error": error, **_timing(t.candidate),
+                **{f"baseline_{k}": v for k, v in _timing(t.baseline).items()},
+                "ratio": t.ratio, "ratios": list(t.ratios), "bimodal": t.bimodal,
+                "load": dataclasses.asdict(t.load), "pid": os.getpid()}
+
+
+def _timing(t) -> dict:
+    return {"median_s": t.median_s, "q1_s": t.q1_s, "q3_s": t.q3_s, "min_s": t.min_s,
+            "samples": list(t.samples), "launches": t.launches_per_sample}
 
 
 def main() -> int:

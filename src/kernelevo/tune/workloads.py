@@ -6,12 +6,16 @@ lengths and of decode at several context sizes. A linear layer y = x W^T with W 
 [out, in] is a matmul with M = tokens, N = out, K = in and transpose_b set, exactly as
 `ke.matmul(x, w, transpose_b=True)` runs it. `from_config` derives the same from any
 Hugging Face / mlx-lm config.json; `from_shapes_file` reads explicit shapes.
+
+Every workload has a training set, on which rules are fitted, and a held-out set, on which
+the written program is judged and which nothing is fitted to: other models' dimensions
+and other token counts, so a rule that only memorised the training shapes shows it.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..features import DTYPES, attention_features, matmul_features
@@ -92,14 +96,32 @@ class AttentionShape:
 Shape = MatmulShape | AttentionShape
 
 
+SPLITS = ("train", "held-out", "all")
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
     description: str
-    shapes: tuple[Shape, ...]
+    shapes: tuple[Shape, ...]  # the training set
+    held_out: tuple[Shape, ...] = ()
+    source: str = ""  # how to name it again on the command line (`--model path`, ...)
 
     def for_op(self, op: str) -> tuple[Shape, ...]:
         return tuple(s for s in self.shapes if s.op == op)
+
+    def split(self, which: str) -> tuple[Shape, ...]:
+        if which == "train":
+            return self.shapes
+        if which == "held-out":
+            return self.held_out
+        if which == "all":
+            return self.shapes + self.held_out
+        raise ValueError(f"unknown split {which!r}; expected one of {', '.join(SPLITS)}")
+
+    def labelled(self) -> list[tuple[str, Shape]]:
+        """(split, shape) for every shape, training first."""
+        return [("train", s) for s in self.shapes] + [("held-out", s) for s in self.held_out]
 
 
 @dataclass(frozen=True)
@@ -126,11 +148,13 @@ class Architecture:
         }
 
 
-def model_workload(arch: Architecture, *, tokens: tuple[int, ...] = (1, 16, 128),
-                   dtypes: tuple[str, ...] = ("bf16",), prefill: tuple[int, ...] = (512,),
-                   contexts: tuple[int, ...] = (1024, 4096), description: str = "") -> Workload:
+def model_shapes(arch: Architecture, *, tokens: tuple[int, ...] = (1, 16, 128),
+                 dtypes: tuple[str, ...] = ("bf16",), prefill: tuple[int, ...] = (512,),
+                 contexts: tuple[int, ...] = (1024, 4096), seen: set | None = None) -> list[Shape]:
+    """The calls of a model's blocks: projections at each token count, prefill and decode
+    attention. Shapes in `seen` are left out (and what is returned is added to it)."""
     shapes: list[Shape] = []
-    seen: set = set()
+    seen = set() if seen is None else seen
     for dtype in dtypes:
         assert dtype in DTYPES, dtype
         for m in tokens:
@@ -141,20 +165,50 @@ def model_workload(arch: Architecture, *, tokens: tuple[int, ...] = (1, 16, 128)
                     shapes.append(shape)
         common = dict(batch=1, heads=arch.heads, kv_heads=arch.kv_heads, head_dim=arch.head_dim,
                       dtype=dtype, softcap=arch.softcap)
+        attention = []
         for length in prefill:
             window = arch.window if 0 < arch.window < length else 0
-            shapes.append(AttentionShape(q_len=length, kv_len=length, mask="causal", window=window,
-                                         label=f"{arch.name} prefill {length}, {dtype}", **common))
+            attention.append(AttentionShape(q_len=length, kv_len=length, mask="causal", window=window,
+                                            label=f"{arch.name} prefill {length}, {dtype}", **common))
         for context in contexts:
             window = arch.window if 0 < arch.window < context else 0
-            shapes.append(AttentionShape(q_len=1, kv_len=context, window=window,
-                                         label=f"{arch.name} decode at {context}, {dtype}", **common))
+            attention.append(AttentionShape(q_len=1, kv_len=context, window=window,
+                                            label=f"{arch.name} decode at {context}, {dtype}", **common))
+        for shape in attention:
+            if shape not in seen:
+                seen.add(shape)
+                shapes.append(shape)
+    return shapes
+
+
+#: token counts of the held-out sets: between and beyond the training ones
+HELD_OUT_TOKENS = (8, 24, 48, 96)
+
+
+def model_workload(arch: Architecture, *, tokens: tuple[int, ...] = (1, 16, 128),
+                   dtypes: tuple[str, ...] = ("bf16",), prefill: tuple[int, ...] = (512,),
+                   contexts: tuple[int, ...] = (1024, 4096), description: str = "",
+                   held_out: tuple[tuple[Architecture, dict], ...] | None = None) -> Workload:
+    """A model's workload. Held out by default: the same model at HELD_OUT_TOKENS tokens
+    and decode at other contexts; or, given `held_out`, those (architecture, options)."""
+    seen: set = set()
+    train = model_shapes(arch, tokens=tokens, dtypes=dtypes, prefill=prefill, contexts=contexts,
+                         seen=seen)
+    if held_out is None:
+        held_out = ((arch, dict(tokens=HELD_OUT_TOKENS, prefill=(),
+                                contexts=tuple(2 * c for c in contexts))),)
+    others: list[Shape] = []
+    for other, options in held_out:
+        others += model_shapes(other, **{"dtypes": dtypes, **options}, seen=seen)
     return Workload(arch.name, description or f"{arch.name}: projections at {tokens} tokens, "
-                    f"prefill {prefill}, decode at {contexts}, {'/'.join(dtypes)}", tuple(shapes))
+                    f"prefill {prefill}, decode at {contexts}, {'/'.join(dtypes)}", tuple(train),
+                    tuple(others))
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture("qwen3-0.6b", hidden=1024, intermediate=3072, heads=16, kv_heads=8, head_dim=128),
+    Architecture("qwen3-1.7b", hidden=2048, intermediate=6144, heads=16, kv_heads=8, head_dim=128),
+    Architecture("qwen3-4b", hidden=2560, intermediate=9728, heads=32, kv_heads=8, head_dim=128),
     Architecture("llama-3-8b", hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128),
     Architecture("mistral-7b", hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128,
                  window=4096),
@@ -175,8 +229,13 @@ PRESETS: dict[str, Workload] = {
     "qwen3-0.6b": model_workload(
         ARCHITECTURES["qwen3-0.6b"], tokens=(1, 16, 128), dtypes=("bf16", "f32"),
         prefill=(256, 1024), contexts=(1024, 4096),
+        # Held out: the larger Qwen3 models' layers at other token counts, and their decode
+        held_out=((ARCHITECTURES["qwen3-1.7b"], dict(tokens=(1, 8, 48), prefill=(), contexts=(2048,))),
+                  (ARCHITECTURES["qwen3-4b"], dict(tokens=(24, 96), prefill=(512,), contexts=(8192,)))),
         description="Qwen3-0.6B (hidden 1024, 16/8 heads of 128, MLP 3072): projections at 1, 16 "
-                    "and 128 tokens, prefill at 256 and 1024, decode at 1k and 4k context; bf16 and f32"),
+                    "and 128 tokens, prefill at 256 and 1024, decode at 1k and 4k context; bf16 and "
+                    "f32. Held out: Qwen3-1.7B at 1, 8 and 48 tokens and decode at 2k, Qwen3-4B at "
+                    "24 and 96 tokens, prefill 512 and decode at 8k"),
     "llama-3-8b": model_workload(ARCHITECTURES["llama-3-8b"], tokens=(1, 8, 64),
                                  prefill=(512, 2048), contexts=(2048, 8192)),
     "mistral-7b": model_workload(ARCHITECTURES["mistral-7b"], tokens=(1, 8, 64),
@@ -185,6 +244,7 @@ PRESETS: dict[str, Workload] = {
                                  prefill=(512,), contexts=(1024, 8192)),
     "tiny": _tiny(),
 }
+PRESETS = {name: replace(w, source=f"--workload {name}") for name, w in PRESETS.items()}
 DEFAULT_WORKLOAD = "qwen3-0.6b"
 
 
@@ -219,15 +279,18 @@ def from_config(path: Path | str) -> Workload:
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read {path}: {err}") from err
     arch = architecture_from_config(config, path.parent.name or "model")
-    return model_workload(arch, tokens=(1, 16, 128), prefill=(512,), contexts=(1024, 4096),
+    return replace(model_workload(arch, tokens=(1, 16, 128), prefill=(512,), contexts=(1024, 4096),
                           description=f"{path}: {arch.name} (hidden {arch.hidden}, {arch.heads}/"
-                                      f"{arch.kv_heads} heads of {arch.head_dim}, MLP {arch.intermediate})")
+                                      f"{arch.kv_heads} heads of {arch.head_dim}, MLP {arch.intermediate}); "
+                                      f"held out: {', '.join(map(str, HELD_OUT_TOKENS))} tokens, decode "
+                                      f"at 2k and 8k"), source=f"--model {path}")
 
 
 def from_shapes_file(path: Path | str) -> Workload:
     """Explicit shapes, as JSON: a list of objects, each {"op": "matmul", "M":, "N":, "K":,
     "dtype":, "batch":, "transpose_b":} or {"op": "attention", "batch":, "heads":,
-    "kv_heads":, "q_len":, "kv_len":, "head_dim":, "dtype":, "mask":, "softcap":, "window":}."""
+    "kv_heads":, "q_len":, "kv_len":, "head_dim":, "dtype":, "mask":, "softcap":, "window":},
+    with "split": "held-out" on the shapes to judge on rather than fit to."""
     path = Path(path)
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
@@ -235,14 +298,21 @@ def from_shapes_file(path: Path | str) -> Workload:
         raise ValueError(f"cannot read {path}: {err}") from err
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{path} must hold a non-empty JSON list of shapes")
-    shapes: list[Shape] = []
+    splits: dict[str, list[Shape]] = {"train": [], "held-out": []}
     for i, entry in enumerate(entries):
         entry = dict(entry)
         op = entry.pop("op", "matmul")
+        split = entry.pop("split", "train")
+        if split not in splits:
+            raise ValueError(f"{path}: shape {i + 1}: split must be train or held-out, not {split!r}")
         try:
             shape = MatmulShape(**entry) if op == "matmul" else AttentionShape(**entry)
             shape.features()  # validates
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: shape {i + 1}: {err}") from err
-        shapes.append(shape)
-    return Workload(path.stem, f"{len(shapes)} shapes from {path}", tuple(shapes))
+        splits[split].append(shape)
+    if not splits["train"]:
+        raise ValueError(f"{path} has no training shapes (entries without \"split\": \"held-out\")")
+    return Workload(path.stem, f"{len(splits['train'])} training and {len(splits['held-out'])} "
+                    f"held-out shapes from {path}", tuple(splits["train"]), tuple(splits["held-out"]),
+                    source=f"--shapes {path}")
