@@ -339,3 +339,21 @@ def test_documented_examples_are_valid():
         text = f"kevo 1\ntarget {backend}\n{chips_line}\n{op} {{\n{fragment}{else_rule}\n}}\n"
         found = check(parse(text), text, "fragment", None if backend == "cpu" else chip)
         assert found == [], [d.render() for d in found]
+
+
+def test_a_symbol_compared_with_a_symbol_feature_is_the_symbol_not_a_feature_of_that_name():
+    """`mask == causal`: the checker reads `causal` as the mask kind, and so must selection
+    (a boolean feature is also called causal)."""
+    from kernelevo.dsl.select import CompiledProgram
+    from kernelevo.features import attention_features
+
+    text = ("kevo 1\ntarget cpu\n\nattention {\n"
+            "  when mask == causal and causal { decode bk=64 threads=1 pack_gqa=yes }\n"
+            "  when mask in {bool, causal} { decode bk=32 threads=1 pack_gqa=yes }\n"
+            "  else { decode bk=16 threads=1 pack_gqa=yes }\n}\n")
+    from kernelevo import chips
+
+    program = CompiledProgram(parse(text), text, "t.kevo", chips.detect("cpu"))
+    pick = lambda mask: program.select("attention", attention_features(  # noqa: E731
+        batch=1, heads=8, kv_heads=8, q_len=1, kv_len=64, head_dim=64, mask=mask)).config.get("bk")
+    assert (pick("causal"), pick("bool"), pick("none")) == (64, 32, 16)

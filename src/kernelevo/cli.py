@@ -106,6 +106,63 @@ def explain(op: str = typer.Argument(..., help="matmul or attention"),
     print(f"rule     {s.rule_number} at line {s.line}: {s.rule_text}")
     print(f"config   {s.config.to_dsl()}")
     print(f"kernel   {s.config.name}")
+    claim = _rule_claim(e, op)
+    if claim:
+        print(f"claim    {claim}")
+    if target is None:
+        for line in _evidence(op, features, backend, s.config):
+            print(f"evidence {line}")
+
+
+def _rule_claim(e, op: str) -> str | None:
+    """The claim written above the rule that chose (tuned files), if any."""
+    from .tune.reproduce import CLAIM
+
+    section = e.program.program.section(op) if e.program is not None else None
+    if section is None:
+        return None
+    rule = section.rules[e.selection.rule_number - 1]
+    return next((c.lstrip("# ") for c in rule.comments.before if CLAIM.search(c)), None)
+
+
+def _evidence(op: str, features: dict, backend: str, config) -> list[str]:
+    """The stored measurements of this configuration on this exact call, newest first."""
+    from .paths import database_path
+    from .tune.db import Database
+    from .tune.measure import Measurer, noise_band
+    from .tune.workloads import shape_of
+
+    path = database_path()
+    shape = shape_of(op, features)
+    if shape is None:
+        return [f"(no tuning shape describes this call: {op} with these features is never timed)"]
+    if not path.is_file():
+        return [f"no tuning database at {path}"]
+    with Database(path) as db:
+        m = Measurer(backend, db)
+        shipped = m.shipped_config(shape).to_dsl()
+        rows = [r for r in db.measurements(**{k: v for k, v in m.key(shape, config.to_dsl()).items()
+                                              if k != "op"}) if r.op == op]
+        band = noise_band(db.latest(**m.key(shape, shipped), phase="control", baseline_config=shipped))
+    lines = []
+    for r in reversed(rows[-5:]):
+        what = (f"A/A control, band ±{band:.1%}" if r.phase == "control" and band is not None else
+                f"{r.status}: {r.reason}" if not r.ok else
+                f"{r.ratio:.3f}x the shipped choice's time" + _pair_spread(r)
+                + (" (busy machine)" if r.loaded else "") + (" (two states)" if r.bimodal else ""))
+        lines.append(f"run {r.run_id}, {_when(r.created_at)}, {r.phase}: {what}")
+    if not lines:
+        lines.append(f"no measurement of this configuration on this call in {path}")
+    elif band is not None and config.to_dsl() != shipped:
+        lines.append(f"this call's A/A noise band: ±{band:.1%}")
+    return lines
+
+
+def _pair_spread(r) -> str:
+    q = sorted(r.pair_ratios)
+    if len(q) < 4:
+        return f" ({len(q)} pairs)"
+    return f" (pairs {q[len(q) // 4]:.3f}-{q[(3 * len(q)) // 4]:.3f}, {len(q)} of them)"
 
 
 @app.command()
@@ -282,6 +339,9 @@ def tune(chip: str = typer.Option("auto", help="'auto' (this machine's chip) or 
           f"heuristics (each shape's own confirmed best: {result.geomean_best:.3f}x)")
     if any(o.split == "held-out" for o in result.outcomes):
         print(f"held-out shapes (nothing was fitted to them): {result.geomean_speedup('held-out'):.3f}x")
+    else:
+        print("no held-out shapes: nothing checked that the rules generalise beyond the shapes "
+              "they were fitted to")
     if result.output:
         print(f"wrote {result.output}")
 

@@ -299,6 +299,51 @@ def _arity(fn: Function) -> str:
     return f"{fn.min_args} to {fn.max_args} arguments"
 
 
+def contextual_symbols(expr: ast.Expr, op: str) -> set[int]:
+    """The Name nodes that stand for a symbol because of where they are, although a feature
+    has the same name: `mask == causal` compares the mask kind with the symbol `causal`, not
+    with the boolean feature `causal` (as the checker reads it). Returned as node ids."""
+    from ..features import OP_FEATURES
+
+    symbol_sets = {f.name: set(f.symbols) for f in OP_FEATURES[op] if f.type == "symbol"}
+    found: set[int] = set()
+
+    def mark(feature: ast.Expr, other: ast.Expr) -> None:
+        if (isinstance(feature, ast.Name) and feature.name in symbol_sets
+                and isinstance(other, ast.Name) and other.name in symbol_sets[feature.name]):
+            found.add(id(other))
+
+    def walk(e: ast.Expr) -> None:
+        if isinstance(e, ast.Compare) and e.op in ("==", "!="):
+            mark(e.left, e.right)
+            mark(e.right, e.left)
+        elif isinstance(e, ast.InSet):
+            for item in e.items:
+                mark(e.value, item)
+        for child in _children(e):
+            walk(child)
+    walk(expr)
+    return found
+
+
+def compile_on_features(expr: ast.Expr, op: str) -> Callable[[Mapping, Chip | None], Value]:
+    """An expression over an op's call features and chip facts (no lets), as fn(features,
+    chip): names resolve as in a rule of that op's section."""
+    from ..features import OP_FEATURES
+
+    names = {f.name for f in OP_FEATURES[op]}
+    symbols = contextual_symbols(expr, op)
+
+    def resolve(name: ast.Name):
+        key = name.name
+        if key in names and id(name) not in symbols:
+            return lambda env: env.features[key]
+        return lambda env: key
+
+    fn = compile_expr(expr, resolve)
+    return lambda features, chip=None: fn(Env(features, chip))
+
+
 def _symbol_resolver(name: ast.Name) -> Callable[[Env], Value]:
     symbol = name.name
     return lambda env: symbol
@@ -383,9 +428,12 @@ def compile_constraint(expr: ast.Expr) -> Callable[[Mapping, Chip, Mapping], boo
     from ..families.schema import NotApplicable
 
     features = _all_feature_names()
+    symbols = contextual_symbols(expr, "matmul") | contextual_symbols(expr, "attention")
 
     def resolve(name: ast.Name):
         key = name.name
+        if id(name) in symbols:
+            return lambda env: key
 
         def read(env: _ConstraintEnv) -> Value:
             if key in env.params:

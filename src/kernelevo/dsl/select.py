@@ -17,7 +17,7 @@ from ..features import OP_FEATURES
 from . import ast
 from .checker import check
 from .errors import Diagnostic, DSLError, source_line
-from .evaluate import Env, EvalError, Value, compile_expr
+from .evaluate import Env, EvalError, Value, compile_expr, contextual_symbols
 from .formatter import format_expr
 
 
@@ -47,9 +47,17 @@ class CompiledSection:
         self.text, self.path, self.chip = text, path, chip
         feature_names = {f.name for f in OP_FEATURES[section.op]}
         let_names = {let.name for let in section.lets}
+        symbols: set[int] = set()
+        for item in section.items:
+            for expr in ([item.value] if isinstance(item, ast.Let) else
+                         ([item.condition] if item.condition is not None else [])
+                         + [p.value for p in item.config.params]):
+                symbols |= contextual_symbols(expr, section.op)
 
         def resolve(name: ast.Name):
             key = name.name
+            if id(name) in symbols:  # `mask == causal`: the symbol, not the feature
+                return lambda env: key
             if key in feature_names:
                 return lambda env: env.features[key]
             if key in let_names:

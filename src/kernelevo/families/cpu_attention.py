@@ -47,7 +47,7 @@ CPU_FLASH = Family(
                    lambda p, chip, call: p["dot"] != "amx" or (p["bq"] % 32 == 0 and p["bk"] % 32 == 0)),
         Constraint("chip.amx == 1 when dot=amx (a CPU with AMX-BF16)",
                    lambda p, chip, call: p["dot"] != "amx" or chip.cores == 0 or chip.has_amx == 1),
-        Constraint.on_call_expr("dot != amx or dtype == bf16", "AMX multiplies bf16"),
+        Constraint.on_call_expr("dot != amx or dtype == bf16", "dtype bf16 when dot=amx: AMX multiplies bf16"),
     ),
 )
 

@@ -101,7 +101,7 @@ CPU_GEMM = Family(
                    lambda p, chip, call: p["kc"] % {"fma": 1, "bf16dot": 2, "amx": 32}[p["engine"]] == 0),
         Constraint("the engine to be available on the chip (bf16dot: AVX512-BF16; amx: AMX-BF16)",
                    lambda p, chip, call: engine_available(p["engine"], chip)),
-        Constraint.on_call_expr("engine == fma or dtype == bf16", "f16/f32 take fma: bf16dot and amx multiply bf16"),
+        Constraint.on_call_expr("engine == fma or dtype == bf16", "engine fma for f16/f32: bf16dot and amx multiply bf16"),
         _threads_fit,
     ),
 )

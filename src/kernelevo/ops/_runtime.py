@@ -76,6 +76,7 @@ class Explanation:
     source: heuristics.Source
     features: dict
     selection: Selection
+    program: object = None  # the CompiledProgram that chose
 
 
 def explain(op: str, features: dict, backend: str = "cpu",
@@ -84,4 +85,4 @@ def explain(op: str, features: dict, backend: str = "cpu",
     chip = chip or chips.detect(backend)
     active = heuristics.active(backend, chip)
     return Explanation(op, backend, chip, active.source, features,
-                       active.program.select(op, features))
+                       active.program.select(op, features), active.program)

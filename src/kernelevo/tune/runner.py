@@ -95,7 +95,11 @@ class ShapeResult:
     def evidence(self) -> Evidence | None:
         if self.band is None:
             return None
-        return Evidence(self.shape, self.band, {c: m.ratio for c, m in self.confirmed.items()})
+        ratios = {c: m.ratio for c, m in self.confirmed.items()}
+        # What the shipped rules choose runs exactly as they do: 1 by identity, not measured
+        # (an A/A pair's ratio is noise, never a candidate's figure).
+        ratios[self.shipped.to_dsl()] = 1.0
+        return Evidence(self.shape, self.band, ratios)
 
 
 @dataclass
@@ -274,8 +278,9 @@ class Tuner:
                 for config in finalists:
                     if self._out_of_time():
                         return
-                    if config in s.confirmed or not self.measurer.valid_for(config, s.shape):
-                        continue
+                    if (config in s.confirmed or config == s.shipped.to_dsl()
+                            or not self.measurer.valid_for(config, s.shape)):
+                        continue  # (the shipped choice against itself is the A/A control)
                     row = self.measurer.measure(s.shape, config, "confirm")
                     if row.usable:
                         s.confirmed[config] = row

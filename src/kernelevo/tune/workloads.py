@@ -96,6 +96,20 @@ class AttentionShape:
 Shape = MatmulShape | AttentionShape
 
 
+def shape_of(op: str, features: dict) -> Shape | None:
+    """The tuning shape of a call's features, where one describes it (the tuner times
+    x @ W and x @ W.T without epilogue, and attention without array masks)."""
+    f = features
+    if op == "matmul":
+        if f["transpose_a"] or f["epilogue"] != "none":
+            return None
+        return MatmulShape(f["M"], f["N"], f["K"], f["dtype"], f["batch"], f["transpose_b"])
+    if f["mask"] not in ("none", "causal"):
+        return None
+    return AttentionShape(f["batch"], f["heads"], f["kv_heads"], f["q_len"], f["kv_len"],
+                          f["head_dim"], f["dtype"], f["mask"], f["softcap"], f["window"])
+
+
 SPLITS = ("train", "held-out", "all")
 
 
