@@ -563,6 +563,177 @@ def _header_workload(text: str):
             Path(value) if kind == "shapes" else None)
 
 
+evolve_app = typer.Typer(help="Evolve whole .kevo programs (offline mutation, or an LLM).")
+app.add_typer(evolve_app, name="evolve")
+
+
+@evolve_app.callback(invoke_without_command=True)
+def evolve(ctx: typer.Context,
+           backend: Optional[str] = typer.Option(None, help="cpu, metal or cuda (default: MLX's default device)"),
+           workload: str = typer.Option("qwen3-0.6b", help=_WORKLOAD_HELP),
+           model: Optional[Path] = typer.Option(None, help=_MODEL_HELP),
+           shapes: Optional[Path] = typer.Option(None, help=_SHAPES_HELP),
+           seed: list[Path] = typer.Option([], "--seed", help="another program to start from (besides the "
+                                           "shipped file and the tuned one)"),
+           proposer: str = typer.Option("auto", help="offline, llm, or auto (llm when an endpoint is "
+                                        "configured: --base-url or OPENAI_BASE_URL)"),
+           base_url: Optional[str] = typer.Option(None, envvar="OPENAI_BASE_URL",
+                                                  help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1"),
+           llm_model: str = typer.Option("gpt-4o-mini", help="the model the endpoint serves"),
+           temperature: float = typer.Option(0.7),
+           parallel: int = typer.Option(2, min=1, help="LLM requests in flight at once"),
+           request_timeout: float = typer.Option(120.0, help="seconds before an LLM request is given up"),
+           price_in: float = typer.Option(0.0, help="cost per million prompt tokens (for --max-cost)"),
+           price_out: float = typer.Option(0.0, help="cost per million completion tokens"),
+           iterations: int = typer.Option(300, min=1, help="proposals to process"),
+           time_budget: Optional[float] = typer.Option(900.0, help="seconds (0: none)"),
+           max_measurements: Optional[int] = typer.Option(None, min=1, help="new measurements at most"),
+           max_tokens: Optional[int] = typer.Option(None, min=1, help="LLM tokens at most"),
+           max_cost: Optional[float] = typer.Option(None, help="LLM cost at most"),
+           islands: int = typer.Option(2, min=1),
+           population: int = typer.Option(12, min=2, help="programs kept per island (besides cell elites)"),
+           replay: bool = typer.Option(False, "--replay", help="stored measurements only; touch no device"),
+           rng_seed: int = typer.Option(0, help="seed of the proposer and the sampling"),
+           reps: int = typer.Option(5, min=1, help="timed pairs per search measurement (scores take 3x)"),
+           output: Optional[Path] = typer.Option(None, help="write the winner here instead of the user data directory"),
+           database: Optional[Path] = typer.Option(None, "--db")):
+    """Evolve .kevo programs on the training shapes, choose on the held-out ones, and write
+    the winner for this chip (the previous file kept). The same command resumes a run."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import os
+
+    from . import chips as chips_mod
+    from .evolve.llm import LLMSettings
+    from .evolve.loop import Evolution, EvolveSettings
+    from .heuristics import find_source
+    from .paths import database_path, tuned_heuristics_path
+    from .tune.db import Database
+
+    if proposer not in ("auto", "offline", "llm"):
+        _fail(f"--proposer takes offline, llm or auto, not {proposer!r}", 2)
+    if proposer == "auto":
+        proposer = "llm" if base_url else "offline"
+    if proposer == "llm" and not base_url:
+        _fail("the LLM proposer needs an endpoint: --base-url or OPENAI_BASE_URL", 2)
+    backend = _backend(backend, "evolve") if not replay else (backend or chips_mod.default_backend())
+    chosen = _workload(workload, model, shapes)
+    chip = chips_mod.detect(backend)
+    seeds = []
+    shipped = find_source(backend, chip, include_tuned=False).path
+    seeds.append((shipped.name, shipped.read_text(encoding="utf-8")))
+    tuned = tuned_heuristics_path(chip.id)
+    if tuned.is_file():
+        seeds.append((f"tuned {tuned.name}", tuned.read_text(encoding="utf-8")))
+    for path in seed:
+        try:
+            seeds.append((path.name, path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as error:
+            _fail(f"{path}: {error}", 2)
+    llm = None
+    if proposer == "llm":
+        llm = LLMSettings(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY", ""), model=llm_model,
+                          temperature=temperature, timeout_s=request_timeout, parallel=parallel,
+                          price_in=price_in, price_out=price_out)
+    settings = EvolveSettings(iterations=iterations, time_budget_s=time_budget or None,
+                              max_measurements=max_measurements, max_tokens=max_tokens, max_cost=max_cost,
+                              islands=islands, population=population, seed=rng_seed, replay=replay, reps=reps)
+    print(f"evolving {backend} heuristics for {chip.id} on {chosen.name}: {len(chosen.shapes)} training, "
+          f"{len(chosen.held_out)} held-out shapes; proposer "
+          f"{'llm ' + llm_model + ' at ' + base_url if llm else 'offline'}; seeds: "
+          f"{', '.join(n for n, _ in seeds)}{'; replaying stored measurements' if replay else ''}")
+    with Database(database or database_path()) as db, _Lines() as lines:
+        try:
+            result = Evolution(backend, db, chosen, seeds, settings, llm, lines).run(output)
+        except KeyboardInterrupt:
+            print("interrupted: proposals and measurements are kept; run the same command to resume",
+                  file=sys.stderr)
+            raise typer.Exit(130)
+        except RuntimeError as error:
+            _fail(str(error))
+    print(f"run {result.run_id}{' (resumed)' if result.resumed else ''}: {result.iterations} iterations, "
+          f"stopped by {result.stopped_by}; {result.measurements} new measurements"
+          + (f", {result.tokens} tokens, cost {result.cost:.4f}" if llm else ""))
+    print("proposals: " + ", ".join(f"{k} {v}" for k, v in sorted(result.outcomes.items())))
+    if result.winner is not None:
+        held = f"{result.winner_held_out:.3f}x" if result.winner_held_out is not None else "not judged"
+        print(f"winner #{result.winner.id} ({result.winner.rules} rules): training {result.winner_train:.3f}x, "
+              f"held-out {held} over the shipped heuristics")
+        for name, value in result.seed_held_out.items():
+            if value is not None:
+                print(f"  seed {name}: held-out {value:.3f}x")
+        print("lineage: " + " -> ".join(result.lineage))
+    for reason in result.dropped:
+        print(f"  - {reason}")
+    if result.output:
+        print(f"wrote {result.output}")
+
+
+class _Lines:
+    """Progress of a long loop: a live line on a terminal, one plain line per step
+    otherwise (logs, CI)."""
+
+    def __enter__(self):
+        self.live = sys.stderr.isatty()
+        self.bar = _Bar("evolving").__enter__() if self.live else None
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def __call__(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.step(line[:150])
+        else:
+            print(line, flush=True)
+
+
+@evolve_app.command("report")
+def evolve_report(run: Optional[int] = typer.Option(None, help="the evolution run (default: the latest)"),
+                  plot: Optional[Path] = typer.Option(None, help="where to write the PNG (default: "
+                                                      "evolve-report-<run>.png in the cache directory)"),
+                  database: Optional[Path] = typer.Option(None, "--db")):
+    """The best programs, the winner against its seed, the proposals' fates, tokens and cost,
+    and a plot of the best training and held-out scores over iterations."""
+    from .evolve import report as evolve_report_mod
+    from .evolve.store import EvolveStore
+    from .paths import cache_dir, database_path
+    from .tune.db import Database
+
+    with Database(database or database_path()) as db:
+        store = EvolveStore(db)
+        runs = store.runs()
+        if not runs:
+            _fail("no evolution run in the database; run `kernelevo evolve`")
+        chosen = store.run(run) if run is not None else runs[-1]
+        if chosen is None:
+            _fail(f"no evolution run {run}")
+        r = evolve_report_mod.build(store, chosen.id)
+        table = Table(title=f"best programs of evolution run {chosen.id} on {chosen.chip} ({chosen.status})",
+                      title_justify="left")
+        for column in ("program", "iteration", "proposer", "training", "held-out", "rules", "configs", "re-timed"):
+            table.add_column(column, justify="left" if column == "proposer" else "right")
+        for p in r.best:
+            table.add_row(f"#{p.id}", str(p.iteration), p.proposer, f"{p.train_score:.3f}x",
+                          f"{p.held_out_score:.3f}x" if p.held_out_score is not None else "-",
+                          str(p.rules), str(p.configs), "yes" if p.firm else "no")
+        out.print(table)
+        print("proposals: " + ", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items())))
+        rejected = {k: v for k, v in r.outcomes.items() if k not in ("accepted", "pending")}
+        print("rejected by reason: " + (", ".join(f"{k} {v}" for k, v in sorted(rejected.items())) or "none"))
+        print(f"tokens: {r.tokens_in} prompt, {r.tokens_out} completion; cost {r.cost:.4f}")
+        if r.winner is not None:
+            s = r.summary
+            held = f"{s['held_out']:.3f}x" if s.get("held_out") is not None else "not judged"
+            print(f"winner #{r.winner.id}: training {s.get('train', 0):.3f}x, held-out {held}; "
+                  f"lineage {' -> '.join(s.get('lineage', []))}")
+            if r.diff:
+                print(r.diff)
+        path = evolve_report_mod.plot(store, chosen.id, plot or cache_dir() / f"evolve-report-{chosen.id}.png")
+        print(f"plot: {path}")
+
+
 @app.command()
 def report(run: Optional[int] = typer.Option(None, help="the run (default: the latest finished one)"),
            plot: Optional[Path] = typer.Option(None, help="where to write the PNG plot "

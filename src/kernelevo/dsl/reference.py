@@ -22,7 +22,9 @@ def _escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def tables() -> str:
+def tables(backends: tuple[str, ...] = ("cpu", "metal", "cuda")) -> str:
+    """The reference tables; the kernel families of `backends` only (an LLM's prompt
+    carries those of the backend it writes for)."""
     out: list[str] = []
     out.append("### Features of a call\n")
     for op, features in OP_FEATURES.items():
@@ -38,7 +40,7 @@ def tables() -> str:
     for fn in FUNCTIONS.values():
         out.append(f"| `{fn.name}` | {_escape(fn.doc)} |")
     out.append("\n### Kernel families\n")
-    for backend in ("cpu", "metal", "cuda"):
+    for backend in backends:
         for fam in (f for f in ALL_FAMILIES if f.backend == backend):
             out.append(f"#### `{fam.name}` — {fam.op}, {backend}\n\n{fam.doc}\n")
             if fam.params:

@@ -162,10 +162,34 @@ class Family:
                                 f"(Constraint.on_call_expr): {c.text}")
 
     def search_space(self, chip: Chip, call: Call | None = None) -> Iterator[dict[str, ParamValue]]:
-        """Every combination of the parameters' search values that meets the constraints."""
-        names = self.param_names
-        domains = [[v for v in p.search_values(chip) if p.contains(v)] for p in self.params]
-        for values in itertools.product(*domains):
-            params = dict(zip(names, values))
-            if not self.violations(params, chip, call):
-                yield params
+        """Every combination of the parameters' search values that meets the constraints.
+        The combinations that meet the constraints without a call are worked out once per
+        chip; a call then only filters them by the constraints on the call."""
+        key = (self.op, self.backend, self.name, chip)
+        static = _STATIC_SPACES.get(key)
+        if static is None:
+            names = self.param_names
+            domains = [[v for v in p.search_values(chip) if p.contains(v)] for p in self.params]
+            static = _STATIC_SPACES[key] = [
+                params for params in (dict(zip(names, values)) for values in itertools.product(*domains))
+                if not self.violations(params, chip)]
+        if call is None:
+            yield from (dict(p) for p in static)
+            return
+        on_call = [c for c in self.constraints if c.on_call]
+        for params in static:
+            if not self._broken(on_call, params, chip, call):
+                yield dict(params)
+
+    def _broken(self, constraints, params, chip, call) -> bool:
+        for c in constraints:
+            try:
+                if not c.check(params, chip, call):
+                    return True
+            except NotApplicable:
+                continue
+        return False
+
+
+#: (op, backend, family, chip) -> the parameter combinations valid without a call
+_STATIC_SPACES: dict[tuple, list[dict]] = {}

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Each entry upgrades the schema from version i to i + 1.
 MIGRATIONS: list[str] = [
@@ -178,6 +178,60 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN summary TEXT;
     ALTER TABLE run_shapes ADD COLUMN split TEXT NOT NULL DEFAULT 'train';
     """,
+    # 4: evolution of whole programs (kernelevo evolve): its runs, every proposal with its
+    # prompt and reply, every program with its lineage and scores
+    """
+    CREATE TABLE evolve_runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        chip TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        workload TEXT NOT NULL,
+        resume_key TEXT NOT NULL,
+        settings TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'running',
+        output TEXT,
+        summary TEXT
+    );
+    CREATE INDEX evolve_resume ON evolve_runs (resume_key, status);
+    CREATE TABLE proposals (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        evolve_run INTEGER NOT NULL REFERENCES evolve_runs(id),
+        created_at REAL NOT NULL,
+        iteration INTEGER NOT NULL,
+        island INTEGER NOT NULL,
+        parent INTEGER REFERENCES programs(id),
+        proposer TEXT NOT NULL,
+        prompt TEXT,
+        reply TEXT,
+        tokens_in INTEGER,
+        tokens_out INTEGER,
+        cost REAL,
+        latency_s REAL,
+        outcome TEXT NOT NULL,
+        reason TEXT,
+        program INTEGER REFERENCES programs(id)
+    );
+    CREATE TABLE programs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        evolve_run INTEGER NOT NULL REFERENCES evolve_runs(id),
+        created_at REAL NOT NULL,
+        iteration INTEGER NOT NULL,
+        island INTEGER NOT NULL,
+        parent INTEGER REFERENCES programs(id),
+        other_parent INTEGER REFERENCES programs(id),
+        proposer TEXT NOT NULL,
+        text TEXT NOT NULL,
+        text_hash TEXT NOT NULL,
+        rules INTEGER NOT NULL,
+        configs INTEGER NOT NULL,
+        train_score REAL,
+        held_out_score REAL,
+        firm INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX program_run ON programs (evolve_run, text_hash);
+    """,
 ]
 
 #: measurement phases, weakest evidence first (see the module's docstring)
@@ -296,6 +350,16 @@ class Database:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT (rolled back on an exception): for the tables other
+        modules keep in this file (evolve/store.py)."""
+        with self._transaction() as conn:
+            yield conn
+
+    def query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        return self._conn.execute(sql, args).fetchall()
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

@@ -38,7 +38,10 @@ class Space:
 
     def __post_init__(self) -> None:
         if not self.configs:
-            self.configs = [KernelConfig.make(self.op, self.backend, fam.name, params)
+            # search_space yields only values of each parameter's domain, in order: no
+            # need for KernelConfig.make's checks on tens of thousands of them
+            self.configs = [KernelConfig(self.op, self.backend, fam.name,
+                                         tuple((n, params[n]) for n in fam.param_names))
                             for fam in self.families for params in fam.search_space(self.chip, self.call)]
 
     @property
