@@ -312,11 +312,14 @@ class Evolution:
                 continue
             text, what = proposal
             proposer = f"offline:{what.split(':')[0]}"
-            pid = self.store.add_proposal(run_id, self.iteration, island, parent.id, proposer, reply=what)
+            # the program is stored as the proposal's reply, so a kill before it is scored
+            # loses nothing: the next session scores it from here
+            pid = self.store.add_proposal(run_id, self.iteration, island, parent.id, proposer, reply=text,
+                                          reason=what)
             outcome, reason, program = self._admit(run_id, island, parent.id,
                                                    donor.id if what.startswith("borrow") and donor else None,
                                                    proposer, text)
-            self.store.settle(pid, outcome, reason, program)
+            self.store.settle(pid, outcome, f"{what} -> {reason}", program)
             self._tick(island, proposer, outcome, f"{what} -> {reason}")
 
     # -- the LLM proposer ----------------------------------------------------------------
