@@ -596,6 +596,8 @@ def evolve(ctx: typer.Context,
            rng_seed: int = typer.Option(0, help="seed of the proposer and the sampling"),
            reps: int = typer.Option(5, min=1, help="timed pairs per search measurement (scores take 3x)"),
            output: Optional[Path] = typer.Option(None, help="write the winner here instead of the user data directory"),
+           show_prompt: bool = typer.Option(False, "--show-prompt", help="print the first prompt the LLM "
+                                            "proposer would send (from stored measurements) and stop"),
            database: Optional[Path] = typer.Option(None, "--db")):
     """Evolve .kevo programs on the training shapes, choose on the held-out ones, and write
     the winner for this chip (the previous file kept). The same command resumes a run."""
@@ -614,9 +616,10 @@ def evolve(ctx: typer.Context,
         _fail(f"--proposer takes offline, llm or auto, not {proposer!r}", 2)
     if proposer == "auto":
         proposer = "llm" if base_url else "offline"
-    if proposer == "llm" and not base_url:
+    if proposer == "llm" and not base_url and not show_prompt:
         _fail("the LLM proposer needs an endpoint: --base-url or OPENAI_BASE_URL", 2)
-    backend = _backend(backend, "evolve") if not replay else (backend or chips_mod.default_backend())
+    timed = not (replay or show_prompt)
+    backend = _backend(backend, "evolve") if timed else (backend or chips_mod.default_backend())
     chosen = _workload(workload, model, shapes)
     chip = chips_mod.detect(backend)
     seeds = []
@@ -638,6 +641,15 @@ def evolve(ctx: typer.Context,
     settings = EvolveSettings(iterations=iterations, time_budget_s=time_budget or None,
                               max_measurements=max_measurements, max_tokens=max_tokens, max_cost=max_cost,
                               islands=islands, population=population, seed=rng_seed, replay=replay, reps=reps)
+    if show_prompt:
+        with Database(database or database_path()) as db:
+            try:
+                messages = Evolution(backend, db, chosen, seeds, settings).first_prompt()
+            except RuntimeError as error:
+                _fail(str(error))
+        for m in messages:
+            print(f"=== {m['role']} ===\n{m['content']}\n")
+        return
     print(f"evolving {backend} heuristics for {chip.id} on {chosen.name}: {len(chosen.shapes)} training, "
           f"{len(chosen.held_out)} held-out shapes; proposer "
           f"{'llm ' + llm_model + ' at ' + base_url if llm else 'offline'}; seeds: "

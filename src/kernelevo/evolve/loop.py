@@ -398,6 +398,25 @@ class Evolution:
             return outcome, reason
         return None
 
+    def first_prompt(self) -> list[dict]:
+        """The messages the LLM proposer would send first, from the seeds scored on stored
+        measurements only (nothing is timed, nothing is recorded): `evolve --show-prompt`."""
+        self.fitness.live = False
+        for name, text in self.seeds:
+            try:
+                scored = self.fitness.evaluate(self.fitness.compile(text))
+            except Rejected:
+                continue
+            m = Member(-len(self.members) - 1, text, scored.value, scored.rules, scored.configs,
+                       f"seed:{name}", True, scored.score)
+            self.members[m.id] = m
+            self.programs[m.id] = scored.program
+            for island in range(len(self.archive.islands)):
+                self.archive.add(island, m)
+        if self.archive.best is None:
+            raise RuntimeError("no seed could be scored from stored measurements")
+        return self._messages(0)[1]
+
     # -- the winner --------------------------------------------------------------------
     def _finish(self, run_id: int, result: EvolveResult, output: Path | None, write: bool) -> None:
         result.iterations = self.iteration

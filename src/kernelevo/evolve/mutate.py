@@ -212,43 +212,42 @@ class Mutator:
         return terms, known
 
     # -- operators ---------------------------------------------------------------------
-    def _specialise(self, program, op, donor):
+    def _served_choice(self, program, op):
+        """A rule that serves training shapes, one of those shapes, and another configuration
+        worth trying on it: (section, rule number, rule, shape, config) or None."""
         section = self._section(program, op)
         served = self._served(program, op)
         if not served:
             return None
         number = self.rng.choice(sorted(served))
         shape = self.rng.choice(served[number])
-        rule = section.rules[number - 1]
         current = program.select(op, shape.features()).config.to_dsl()
         config = self._pick_config(op, shape, current)
         if config is None:
             return None
+        return section, number, section.rules[number - 1], shape, config
+
+    def _specialise(self, program, op, donor, chosen=None):
+        chosen = chosen or self._served_choice(program, op)
+        if chosen is None:
+            return None
+        section, number, rule, shape, config = chosen
         terms, known = self._region_terms(op, shape)
         condition = self._guarded(config, terms, known)
         if condition is None:
             return None
-        new = ast.Rule(condition, distill.config_spec(config))
         items = list(section.items)
-        items.insert(_index(items, rule), new)
+        items.insert(_index(items, rule), ast.Rule(condition, distill.config_spec(config)))
         return self._with_items(program, op, items), f"rule {number} specialised for a range around {shape}"
 
     def _retune(self, program, op, donor):
-        section = self._section(program, op)
-        served = self._served(program, op)
-        if not served:
+        chosen = self._served_choice(program, op)
+        if chosen is None:
             return None
-        number = self.rng.choice(sorted(served))
-        rule = section.rules[number - 1]
-        shape = self.rng.choice(served[number])
-        current = program.select(op, shape.features()).config.to_dsl()
-        config = self._pick_config(op, shape, current)
-        if config is None:
-            return None
+        section, number, rule, shape, config = chosen
         if rule.is_else:  # the else must serve everything: keep it, add the choice before it
-            return self._specialise(program, op, donor)
-        known = {}
-        condition = self._guarded(config, _conjuncts(rule.condition), known)
+            return self._specialise(program, op, donor, chosen)
+        condition = self._guarded(config, _conjuncts(rule.condition), {})
         if condition is None:
             return None
         items = list(section.items)
