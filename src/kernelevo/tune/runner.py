@@ -297,7 +297,7 @@ class Tuner:
             # Nothing to judge on: the deepest tree, restricted to the training evidence.
             chosen = {key: len(per_depth) - 1 for key in per_depth[0]}
             return [r for key, d in chosen.items() for r in per_depth[d][key]]
-        scorer = Scorer(self.measurer, live=True, with_mlx=False)
+        scorer = Scorer(self.measurer, live=True, with_mlx=False, band_for_same=False)
         kept: list[dict[tuple, list[TunedRule]]] = []
         group_scores: dict[tuple[tuple, int], float | None] = {}
         why_dropped: dict[tuple[tuple, int], list[str]] = defaultdict(list)

@@ -104,11 +104,12 @@ class Scorer:
     measurements a database holds (`Scorer.replay`)."""
 
     def __init__(self, measurer: Measurer, live: bool = True, with_mlx: bool = True,
-                 with_band: bool = True):
+                 with_band: bool = True, band_for_same: bool = True):
         self.measurer = measurer
         self.live = live
         self.with_mlx = with_mlx
         self.with_band = with_band
+        self.band_for_same = band_for_same  # (a shape scored 1 by identity needs no band to judge)
         self._retaken: set[tuple[str, str]] = set()
 
     @classmethod
@@ -128,9 +129,8 @@ class Scorer:
             return ShapeScore(split, shape, shipped, None, status="invalid", reason=str(err))
         chosen = selection.config.to_dsl()
         result = ShapeScore(split, shape, shipped, chosen, selection.rule_number, selection.line)
-        if self.with_band:
-            control = self._control(shape, shipped)
-            result.band = noise_band(control)
+        if self.with_band and (self.band_for_same or chosen != shipped):
+            result.band = noise_band(self._control(shape, shipped))
         if self.with_mlx:
             result.mlx = self._pair(shape, MLX_BUILTIN, shipped, verify=False)
         if chosen == shipped:
