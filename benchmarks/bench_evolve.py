@@ -71,16 +71,16 @@ def retimed_held_out(verify_output: str, n_held_out: int) -> tuple[float, int]:
     return geomean(values), len(speedups)
 
 
-def live_part(db_path: Path, tuned: Path, budget: float, work: Path) -> dict:
+def live_part(db_path: Path, tuned: Path, budget: float, work: Path, backend: str = "cpu") -> dict:
     env = {**os.environ, **QUIET_BLAS, "KERNELEVO_CACHE_DIR": str(db_path.parent),
            "KERNELEVO_DATA_DIR": str(work / "data")}
     evolved = work / "evolved.kevo"
     workload = PRESETS["qwen3-0.6b"]
-    out = {"budget_s": budget}
-    with open(RESULTS_DIR / "evolve-live.log", "w") as log:
+    out = {"budget_s": budget, "backend": backend, "machine": machine_line(backend)}
+    with open(RESULTS_DIR / f"evolve-live{'' if backend == 'cpu' else '-' + backend}.log", "w") as log:
         started = time.time()
-        done = kernelevo(["evolve", "--time-budget", budget, "--iterations", 100000, "--output", evolved],
-                         env, log)
+        done = kernelevo(["evolve", "--backend", backend, "--time-budget", budget, "--iterations", 100000,
+                          "--output", evolved], env, log)
         out["evolve_s"] = time.time() - started
         out["evolve_output"] = done.stdout
         if done.returncode != 0:
@@ -178,8 +178,9 @@ def _mean_text(values) -> str:
     return f"{geomean(nums):.3f}x" + (f" ({lo:.3f}-{hi:.3f})" if len(nums) > 1 else "")
 
 
-def section_text(live: dict | None, replay: dict, command: str) -> str:
-    lines = [f"Machine: {machine_line()}.", "", f"Command: `{command}` (under `flock /tmp/kernelevo-bench.lock`), "
+def section_text(live: dict | None, replay: dict | None, command: str) -> str:
+    machine = live["machine"] if live else machine_line()
+    lines = [f"Machine: {machine}.", "", f"Command: `{command}` (under `flock /tmp/kernelevo-bench.lock`), "
              "on the database of the quiet `bench_tune_validity.py` run (its stored measurements are "
              "shared; the tuned file is not a seed of evolution). Workload: the default "
              f"(qwen3-0.6b: {len(PRESETS['qwen3-0.6b'].shapes)} training, {len(PRESETS['qwen3-0.6b'].held_out)} "
@@ -197,6 +198,8 @@ def section_text(live: dict | None, replay: dict, command: str) -> str:
                 lines.append(f"| {name} | yes | {r['held_out_retimed']:.3f}x | {r['held_out_changed']} |")
         summary = [l for l in live["evolve_output"].splitlines() if l.startswith(("run ", "proposals:", "winner", "lineage"))]
         lines += ["", "Evolution's own summary:", "", "```", *summary, "```"]
+    if replay is None:
+        return "\n".join(lines)
     lines += ["", f"### Replayed at equal budgets: {replay['n']} programs scored per method and seed "
                   f"(seeds {', '.join(map(str, replay['seeds']))}), stored measurements only", "",
               "The best program of each by training score, then judged on the held-out shapes "
@@ -217,18 +220,30 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=900.0, help="seconds of live evolution")
     parser.add_argument("--n", type=int, default=300, help="programs per method in the replayed comparison")
     parser.add_argument("--skip-live", action="store_true")
+    parser.add_argument("--skip-replay", action="store_true")
+    parser.add_argument("--backend", default="cpu", help="cpu or cuda (the replayed part is CPU only)")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--from-json", type=Path, help="record an earlier run's results instead of running")
     args = parser.parse_args()
     RESULTS_DIR.mkdir(exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="evolve-bench-"))
-    live = None if args.skip_live else live_part(args.db, args.tuned, args.budget, work)
-    replay = replay_part(args.db, args.tuned, args.n, [1, 2, 3])
-    (RESULTS_DIR / "evolve-bench.json").write_text(json.dumps({"live": live, "replay": replay}, indent=1, default=str))
+    suffix = "" if args.backend == "cpu" else "-" + args.backend
+    if args.from_json:
+        data = json.loads(args.from_json.read_text())
+        live, replay = data["live"], data["replay"]
+    else:
+        work = Path(tempfile.mkdtemp(prefix="evolve-bench-"))
+        live = None if args.skip_live else live_part(args.db, args.tuned, args.budget, work, args.backend)
+        replay = None if args.skip_replay else replay_part(args.db, args.tuned, args.n, [1, 2, 3])
+        (RESULTS_DIR / f"evolve-bench{suffix}.json").write_text(
+            json.dumps({"live": live, "replay": replay}, indent=1, default=str))
+    backend = live["backend"] if live else "cpu"
     text = section_text(live, replay, "python3 benchmarks/bench_evolve.py --db ... --tuned ..."
-                        + (" --skip-live" if args.skip_live else f" --budget {args.budget:g}"))
+                        + (f" --backend {backend}" if backend != "cpu" else "")
+                        + (" --skip-live" if live is None else f" --budget {live['budget_s']:g}")
+                        + (" --skip-replay" if replay is None else ""))
     print(text)
     if not args.no_record:
-        record_section(SECTION, text)
+        record_section(SECTION + ("" if backend == "cpu" else f", {backend}"), text)
 
 
 if __name__ == "__main__":

@@ -47,20 +47,22 @@ def kernelevo(args: list[str], env: dict, log) -> subprocess.CompletedProcess:
     return done
 
 
-def scenario(name: str, work: Path) -> dict:
+def scenario(name: str, work: Path, backend: str = "cpu", tune_args: tuple[str, ...] = ()) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **QUIET_BLAS, "KERNELEVO_CACHE_DIR": str(work / "cache"),
            "KERNELEVO_DATA_DIR": str(work / "data")}
     tuned = work / "tuned.kevo"
-    log_path = RESULTS_DIR / f"tune-validity-{name}.log"
-    out: dict = {"scenario": name}
+    log_path = RESULTS_DIR / f"tune-validity-{name}{'' if backend == 'cpu' else '-' + backend}.log"
+    out: dict = {"scenario": name, "backend": backend, "machine": machine_line(backend),
+                 "tune_args": list(tune_args)}
     with open(log_path, "w") as log:
         hog = None
         if name == "busy":  # another process keeps one core busy for the whole tune
             hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         started = time.time()
         try:
-            done = kernelevo(["tune", "--chip", "auto", "--output", str(tuned)], env, log)
+            done = kernelevo(["tune", "--chip", "auto", "--backend", backend, "--output", str(tuned),
+                              *tune_args], env, log)
         finally:
             if hog is not None:
                 hog.kill()
@@ -83,7 +85,8 @@ def scenario(name: str, work: Path) -> dict:
         "WHERE r.run_id = ? ORDER BY s.position", (run["id"],))]
     out["measurements"] = db.execute("SELECT COUNT(*) FROM measurements WHERE run_id = ?", (run["id"],)).fetchone()[0]
     out["rules"] = parse_verify(verify.stdout)
-    (RESULTS_DIR / f"tune-validity-{name}.json").write_text(json.dumps(out, indent=1))
+    (RESULTS_DIR / f"tune-validity-{name}{'' if backend == 'cpu' else '-' + backend}.json").write_text(
+        json.dumps(out, indent=1))
     return out
 
 
@@ -105,7 +108,7 @@ def parse_verify(text: str) -> list[dict]:
 
 
 def section_text(results: list[dict], command: str) -> str:
-    lines = [f"Machine: {machine_line()}.", "",
+    lines = [f"Machine: {results[0]['machine']}.", "",
              f"Command: `{command}` (under `flock /tmp/kernelevo-bench.lock`). Each scenario starts "
              "from empty cache and data directories: `kernelevo tune --chip auto --output tuned.kevo`, "
              "then `kernelevo verify tuned.kevo` on the quiet machine (two rounds in fresh workers). "
@@ -122,6 +125,9 @@ def section_text(results: list[dict], command: str) -> str:
         lines.append(f"| {r['scenario']} | {r['tune_s'] / 60:.1f} min | {r['measurements']} | {s['loaded']} | "
                      f"{s['rules']} | {len(s['dropped'])} | {s['train_speedup']:.3f}x | "
                      f"{s['held_out_speedup']:.3f}x | {len(checks)} | {within} of {len(checks)} | {len(slower)} |")
+    if any(r["tune_args"] for r in results):
+        lines += ["", "Tune arguments: " + "; ".join(f"{r['scenario']}: `{' '.join(r['tune_args'])}`"
+                                                    for r in results if r["tune_args"])]
     for r in results:
         lines += ["", f"### {r['scenario']}: every rule, its claim and its re-timing", ""]
         if not r["rules"]:
@@ -149,17 +155,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenario", choices=("quiet", "busy", "both"), default="both")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--backend", default="cpu", help="cpu or cuda")
+    parser.add_argument("--tune-args", default="", help="more arguments for kernelevo tune")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--from-json", type=Path, nargs="+", help="record results written by an earlier run "
+                        "(e.g. on the GPU machine) instead of running")
     args = parser.parse_args()
     RESULTS_DIR.mkdir(exist_ok=True)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="tune-validity-"))
-    names = ("quiet", "busy") if args.scenario == "both" else (args.scenario,)
-    results = [scenario(n, work / n) for n in names]
-    text = section_text(results, "python3 benchmarks/bench_tune_validity.py"
-                        + (f" --scenario {args.scenario}" if args.scenario != "both" else ""))
+    if args.from_json:
+        results = [json.loads(p.read_text()) for p in args.from_json]
+    else:
+        work = args.workdir or Path(tempfile.mkdtemp(prefix="tune-validity-"))
+        names = ("quiet", "busy") if args.scenario == "both" else (args.scenario,)
+        results = [scenario(n, work / n, args.backend, tuple(args.tune_args.split())) for n in names]
+    backend = results[0]["backend"]
+    command = "python3 benchmarks/bench_tune_validity.py" + (
+        f" --scenario {args.scenario}" if args.scenario != "both" else "") + (
+        f" --backend {backend}" if backend != "cpu" else "") + (
+        f" --tune-args '{' '.join(results[0]['tune_args'])}'" if results[0]["tune_args"] else "")
+    text = section_text(results, command)
     print(text)
     if not args.no_record:
-        record_section(SECTION, text)
+        record_section(SECTION + ("" if backend == "cpu" else f", {backend}"), text)
         print(f"\nrecorded in {HERE / 'RESULTS.md'}")
 
 
