@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import statistics
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -62,19 +64,25 @@ def shipped_program(backend: str, chip: Chip) -> CompiledProgram:
     return CompiledProgram(parse(text, str(source.path)), text, str(source.path), chip)
 
 
+BOOTSTRAP = 2000  # resamples of the A/A pairs
+
+
 def noise_band(control: Measurement | None) -> float | None:
-    """A shape's noise band, from its A/A pair (the shipped choice against itself): the
-    largest deviation from 1 of the pair ratios once the outer tenth at each end is set
-    aside, as a fraction (0.03: pairs of identical kernels differed by up to 3%). None
-    when the control did not run or ran on a busy machine."""
+    """A shape's noise band, from its A/A pair (the shipped choice against itself): how far
+    from 1 the median of that many pair ratios of two identical kernels strays — the larger
+    end of the central 95% of the medians of bootstrap resamples of its pairs — as a
+    fraction (0.03: the figure a candidate is judged by, its median pair ratio, can be off
+    by 3% with nothing changed). None when the control did not run or ran on a busy machine.
+    (Seeded: the same pairs always give the same band.)"""
     if control is None or not control.ok or control.loaded:
         return None
-    ratios = sorted(control.pair_ratios)
-    if not ratios:
+    logs = [math.log(r) for r in control.pair_ratios if r > 0]
+    if not logs:
         return None
-    trim = len(ratios) // 10
-    inner = ratios[trim:len(ratios) - trim] or ratios
-    return math.exp(max(abs(math.log(r)) for r in inner)) - 1.0
+    rng = random.Random(len(logs))
+    medians = sorted(statistics.median(rng.choices(logs, k=len(logs))) for _ in range(BOOTSTRAP))
+    low, high = medians[int(0.025 * BOOTSTRAP)], medians[int(0.975 * BOOTSTRAP) - 1]
+    return math.exp(max(abs(low), abs(high))) - 1.0
 
 
 def geomean(values: Iterable[float]) -> float:

@@ -80,8 +80,8 @@ class Reproduction:
 
     @property
     def bimodal(self) -> bool:
-        return (any(r.bimodal for r in self.usable) or is_bimodal(self._pooled("samples"))
-                or is_bimodal(self._pooled("baseline_samples")))
+        """The pair ratios, within a round or pooled over rounds, fall into two states."""
+        return any(r.bimodal for r in self.usable) or is_bimodal([x for r in self.usable for x in r.pair_ratios])
 
     @property
     def problem(self) -> str | None:

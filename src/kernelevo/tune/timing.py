@@ -14,9 +14,14 @@
   under load, so the tuner can refuse to decide anything on it. (The kernel's CPU pressure
   counter is no guide: a chain of small launches keeps MLX's threads and the kernel's
   team runnable at once, and that contention is the configuration's own.)
-- **Shape of the evidence.** A configuration whose samples fall into two separate states
-  (a thread team that sometimes wakes slowly) is flagged `bimodal`: a median then reports
-  one state's luck, and no rule may be written on it.
+- **Warm.** Before the pairs, both sides are run alternately until their samples settle
+  (the last three of each within 10%, at most a second): on the 2-core VM a thread team
+  that has been idle wakes slowly — 2 ms a launch instead of 0.4 — for the first several
+  samples of a job.
+- **Shape of the evidence.** Pairs whose ratios fall into two separate states (a thread
+  team that wakes slowly for one configuration but not the other, for seconds at a time)
+  are flagged `bimodal`: a median then reports one state's luck, and no rule may be written
+  on it. (A state that slows both sides of every pair alike cancels in the ratios.)
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ import mlx.core as mx
 #: A launch builds one call; given the previous launch's output, it depends on it.
 Launch = Callable[[mx.array | None], mx.array]
 
-MIN_SAMPLE_SECONDS = 2e-3  # chain launches until one timed evaluation takes this long
+MIN_SAMPLE_SECONDS = 5e-3  # chain launches until one timed evaluation takes this long
 MAX_BATCH = 256
+WARMUP_MAX_SECONDS = 1.0  # warm up until samples settle, at most this long
+SETTLED = 1.10  # the last three samples of each side within 10% of each other
 LOAD_THRESHOLD = 0.2  # share of the machine's CPU time other work may use during a block
 BLOCK_SECONDS = 0.2  # /proc/stat counts in ticks (10 ms): a block this long reads within ~5%
 BUSY_PAUSE_S = 0.05  # wait before re-taking a block that ran under load
@@ -143,7 +150,7 @@ class PairedTiming:
 
     @property
     def bimodal(self) -> bool:
-        return self.candidate.bimodal or self.baseline.bimodal
+        return is_bimodal(self.ratios)
 
 
 def is_bimodal(samples: Sequence[float]) -> bool:
@@ -178,13 +185,34 @@ def _sample(launch: Launch, n: int) -> float:
 
 def _batch_size(launch: Launch) -> int:
     """Launches per sample: doubled (after a warm-up launch) until a sample takes
-    MIN_SAMPLE_SECONDS, so the evaluation's fixed cost (tens of microseconds) is a small
-    share of what is timed."""
+    MIN_SAMPLE_SECONDS, so the evaluation's fixed cost (tens of microseconds) and the jitter
+    of single launches are a small share of what is timed."""
     _sample(launch, 1)
     n = 1
     while n < MAX_BATCH and _sample(launch, n) * n < MIN_SAMPLE_SECONDS:
         n *= 2
     return n
+
+
+def _settled(values: list[float]) -> bool:
+    last = values[-3:]
+    return len(last) == 3 and max(last) <= SETTLED * min(last)
+
+
+def _warm(launches: Sequence[Launch], n: int, at_least: int) -> None:
+    """Runs the launches in turn until each one's last three samples agree within SETTLED
+    (and at least `at_least` rounds), or WARMUP_MAX_SECONDS have passed."""
+    seen: list[list[float]] = [[] for _ in launches]
+    deadline = time.perf_counter() + WARMUP_MAX_SECONDS
+    rounds = 0
+    while True:
+        for launch, values in zip(launches, seen):
+            values.append(_sample(launch, n))
+        rounds += 1
+        if rounds >= at_least and all(_settled(v) for v in seen):
+            return
+        if time.perf_counter() > deadline:
+            return
 
 
 def _summary(samples: list[float], n: int) -> Timing:
@@ -196,8 +224,8 @@ def _summary(samples: list[float], n: int) -> Timing:
 
 def time_one(launch: Launch, reps: int = 5, warmup: int = 1) -> Timing:
     n = _batch_size(launch)
-    for _ in range(warmup):
-        _sample(launch, n)
+    _warm([launch], n, warmup)
+    n = max(n, _batch_size(launch))  # (a batch sized on a cold team is too small)
     return _summary([_sample(launch, n) for _ in range(reps)], n)
 
 
@@ -218,11 +246,11 @@ _patience = _Patience()
 
 def time_paired(candidate: Launch, baseline: Launch, reps: int = 5, warmup: int = 1,
                 patience_s: float = 10.0) -> PairedTiming:
-    # One batch size for both, so that both carry the same share of the fixed cost.
+    # One batch size for both, so that both carry the same share of the fixed cost; sized
+    # again once warm (a batch sized on a cold team is too small).
     n = max(_batch_size(candidate), _batch_size(baseline))
-    for _ in range(warmup):
-        _sample(candidate, n)
-        _sample(baseline, n)
+    _warm([candidate, baseline], n, warmup)
+    n = max(n, _batch_size(candidate), _batch_size(baseline))
     cs: list[float] = []
     bs: list[float] = []
     shares: list[float] = []
