@@ -164,7 +164,8 @@ def fmt(files: list[Path] = typer.Argument(..., help=".kevo files"),
 def tune(chip: str = typer.Option("auto", help="'auto' (this machine's chip) or its id; other chips cannot be timed here"),
          backend: Optional[str] = typer.Option(None, help="cpu, metal or cuda (default: MLX's default device)"),
          workload: str = typer.Option("qwen3-0.6b", help="a built-in workload preset"),
-         model: Optional[Path] = typer.Option(None, help="derive the workload from a Hugging Face / mlx-lm config.json"),
+         model: Optional[Path] = typer.Option(None, help="derive the workload from a Hugging Face / mlx-lm config.json, "
+                                              "or record it from an mlx-lm model directory's forward pass"),
          shapes: Optional[Path] = typer.Option(None, help="a JSON file of explicit shapes"),
          strategy: str = typer.Option("evolve", help="evolve, random or exhaustive"),
          candidates: int = typer.Option(DEFAULT_CANDIDATES, help="configurations searched per shape, besides the shipped one"),
@@ -199,7 +200,11 @@ def tune(chip: str = typer.Option("auto", help="'auto' (this machine's chip) or 
     if strategy not in STRATEGIES:
         _fail(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}", 2)
     try:
-        if model is not None:
+        if model is not None and model.is_dir():
+            from .mlx_lm.record import workload_from_model_dir
+
+            chosen = workload_from_model_dir(model)
+        elif model is not None:
             chosen = wl.from_config(model)
         elif shapes is not None:
             chosen = wl.from_shapes_file(shapes)
@@ -207,7 +212,7 @@ def tune(chip: str = typer.Option("auto", help="'auto' (this machine's chip) or 
             chosen = wl.PRESETS[workload]
         else:
             _fail(f"unknown workload {workload!r}; presets: {', '.join(wl.PRESETS)}", 2)
-    except ValueError as error:
+    except (ValueError, ImportError) as error:
         _fail(str(error), 2)
     settings = TuneSettings(strategy=strategy, candidates=candidates, reps=reps, seed=seed,
                             time_budget_s=time_budget)
@@ -360,6 +365,8 @@ def db_prune(stale: bool = typer.Option(False, help="measurements of kernels thi
 def main() -> None:
     app()
 
+
+from . import cli_model  # noqa: E402,F401 — registers `bench-model`
 
 if __name__ == "__main__":
     main()
