@@ -366,7 +366,8 @@ def main() -> None:
     app()
 
 
-from . import cli_model  # noqa: E402,F401 — registers `bench-model`
+from .cli_model import register as _register_model_commands  # noqa: E402 — `bench-model`
+_register_model_commands(app)
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,7 @@
 """`kernelevo bench-model`: an mlx-lm model's prompt and generation tokens/s, stock MLX
-against kernelevo-patched, in one process (registered into the `kernelevo` app by cli.py)."""
+against kernelevo-patched, in one process. cli.py registers it into its app; the helpers of
+cli.py are imported when the command runs (under `python -m kernelevo.cli` the app lives in
+__main__, so nothing here may import cli.py at import time)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .cli import _fail, app, out
 
 
-@app.command("bench-model")
+def register(app: typer.Typer) -> None:
+    app.command("bench-model")(bench_model)
+
+
 def bench_model(model: str = typer.Argument(..., help="a preset (e.g. qwen3-0.6b), a config.json, or an mlx-lm model directory"),
                 prompt_tokens: int = typer.Option(512, "--prompt-tokens", "-p", help="prompt length P"),
                 generation_tokens: int = typer.Option(128, "--generation-tokens", "-g", help="tokens generated G"),
@@ -27,6 +31,7 @@ def bench_model(model: str = typer.Argument(..., help="a preset (e.g. qwen3-0.6b
                 json_path: Optional[Path] = typer.Option(None, "--json", help="write every run's figures as JSON")):
     """Time prompt processing and generation through mlx-lm, stock and patched, interleaved."""
     from . import chips
+    from .cli import _fail
 
     try:
         from .mlx_lm import build_model, resolve_source
@@ -64,6 +69,8 @@ def bench_model(model: str = typer.Argument(..., help="a preset (e.g. qwen3-0.6b
 
 
 def _print_result(result, bench) -> None:
+    from .cli import out
+
     print(result.patch_summary)
     for phase, families in result.kernels.items():
         shown = ", ".join(f"{name} x{n}" for name, n in sorted(families.items()))

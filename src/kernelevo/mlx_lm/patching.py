@@ -410,6 +410,10 @@ def _float_weights(module: nn.Module) -> str:
     return ""
 
 
+def is_patched(model: nn.Module) -> bool:
+    return id(model) in _patched_models
+
+
 def patch(model: nn.Module) -> Patch:
     """Replaces, in place, the model's linear layers, gated-MLP activations, tied output head
     and attention with kernelevo's ops (see this module's doc). Returns the handle that

@@ -4,6 +4,7 @@ the patched model, recorded as they are built (`kernelevo tune --model DIR`)."""
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,19 +13,20 @@ import numpy as np
 
 from ..tune.workloads import AttentionShape, MatmulShape, Workload
 from .models import build_model, resolve_source
-from .patching import Call, patch, recording
+from .patching import Call, is_patched, patch, recording
 
 
 def record_calls(model, prompt_tokens: int = 512, seed: int = 0) -> dict[str, list[Call]]:
     """The calls the patched model builds for a prompt of `prompt_tokens` random tokens
-    (prefill) and for the next token (decode), in order."""
+    (prefill) and for the next token (decode), in order. The model is patched for the
+    recording unless it already is."""
     from mlx_lm.models.cache import make_prompt_cache
 
     prompt = mx.array(np.random.default_rng(seed).integers(0, int(model.args.vocab_size), prompt_tokens),
                       dtype=mx.int32)
     cache = make_prompt_cache(model)
     phases = {}
-    with patch(model):
+    with nullcontext() if is_patched(model) else patch(model):
         for phase, tokens in (("prefill", prompt[None]), ("decode", prompt[None, -1:])):
             with recording() as recorder:
                 logits = model(tokens, cache=cache)
