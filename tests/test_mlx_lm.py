@@ -334,7 +334,7 @@ def test_tune_model_dir_tunes_the_recorded_shapes(tmp_path):
 def test_bench_model_runs_end_to_end_on_a_tiny_config(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(PRESETS["tiny-gemma3"]))
-    result = run_cli("bench-model", str(config), "-p", "12", "-g", "4", "--rounds", "2",
+    result = run_cli("bench-model", str(config), "-p", "12", "-g", "4", "--rounds", "2", "--no-wait",
                      "--plot", str(tmp_path / "bench.png"), "--json", str(tmp_path / "bench.json"))
     assert result.returncode == 0, result.stderr
     assert "logits ok" in result.stdout and "patched / stock" in result.stdout

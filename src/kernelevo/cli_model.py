@@ -27,6 +27,8 @@ def bench_model(model: str = typer.Argument(..., help="a preset (e.g. qwen3-0.6b
                                                            "the weights' own otherwise)"),
                 seed: int = typer.Option(0, help="seed of the random weights and the prompt"),
                 profile: bool = typer.Option(True, help="take a decode token apart: the patched ops' share"),
+                wait: bool = typer.Option(True, help="before each run, wait (up to a minute) until other "
+                                                     "processes use < 10% of the machine"),
                 plot: Optional[Path] = typer.Option(None, help="write a PNG of the rounds and the token's parts"),
                 json_path: Optional[Path] = typer.Option(None, "--json", help="write every run's figures as JSON")):
     """Time prompt processing and generation through mlx-lm, stock and patched, interleaved."""
@@ -57,7 +59,7 @@ def bench_model(model: str = typer.Argument(..., help="a preset (e.g. qwen3-0.6b
     try:
         result = bench.bench_model(built, name=source.name, prompt_tokens=prompt_tokens,
                                    generation_tokens=generation_tokens, rounds=rounds, seed=seed,
-                                   profile=profile)
+                                   profile=profile, wait=wait)
     except RuntimeError as error:
         _fail(str(error))
     _print_result(result, bench)
@@ -77,15 +79,16 @@ def _print_result(result, bench) -> None:
         print(f"kernels per {phase} pass: {shown or 'none'}")
     table = Table(title=escape(f"{result.model} {result.dtype}: median [quartiles] over "
                                f"{len(result.pairs)} rounds"), title_justify="left")
-    for column in ("", "prompt tok/s", "generation tok/s", "peak memory MB"):
+    for column in ("", "prompt tok/s", "generation tok/s", "MLX peak MB", "RSS peak MB"):
         table.add_column(column, justify="right" if column else "left")
     for variant in bench.VARIANTS:
         memory = result.spread(variant, "peak_memory_bytes")
+        rss = [r.peak_rss_bytes for r in result.runs if r.variant == variant and r.peak_rss_bytes]
         table.add_row(variant, escape(str(result.spread(variant, "prompt_tps"))),
                       escape(str(result.spread(variant, "generation_tps"))),
-                      f"{memory.median / 1e6:.0f}")
+                      f"{memory.median / 1e6:.0f}", f"{max(rss) / 1e6:.0f}" if rss else "-")
     table.add_row("patched / stock", *(escape(f"{r.median:.2f}x [{r.q1:.2f}, {r.q3:.2f}]")
-                                       for r in (result.ratio("prompt_tps"), result.ratio("generation_tps"))), "")
+                                       for r in (result.ratio("prompt_tps"), result.ratio("generation_tps"))), "", "")
     out.print(table)
     if result.profile is None:
         return
@@ -99,6 +102,8 @@ def _print_result(result, bench) -> None:
         print(f"  {variant:8s} token {p['token'] * 1e3:7.1f}  linears {p['linears'] * 1e3:7.1f}  attention "
               f"{p['attention'] * 1e3:6.2f}  rest {p['rest'] * 1e3:6.1f}  (patched ops {share:.0%} of the "
               f"token; graph building {result.profile.build_s[variant] * 1e3:.1f})")
+    for name, (n, seconds) in result.profile.unpatched.items():
+        print(f"  of the rest, MLX's mx.fast.{name}: {n} calls, {seconds * 1e3:.1f} ms (the same in both)")
     rest = parts["patched"]["rest"]
     if rest > 0:
         print(f"bound: with the patched ops at zero cost a token would still take {rest * 1e3:.1f} ms: "
@@ -122,4 +127,5 @@ def _as_json(result, bench) -> dict:
     if result.profile is not None:
         data["token_breakdown_s"] = bench.token_breakdown(result)
         data["graph_build_s"] = result.profile.build_s
+        data["unpatched_ops_s"] = {name: {"calls": n, "s": t} for name, (n, t) in result.profile.unpatched.items()}
     return data

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
+from pathlib import Path
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -30,7 +33,9 @@ class Run:
     prompt_s: float
     generated_tokens: int  # after the first
     generation_s: float
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # MLX's allocator (weights, activations, KV cache)
+    peak_rss_bytes: int | None = None  # the process (kernelevo's own workspace too); Linux only
+    load: float = 0.0  # share of the machine other processes used just before the run
 
     @property
     def prompt_tps(self) -> float:
@@ -47,6 +52,7 @@ def generate(model: nn.Module, prompt: mx.array, generation_tokens: int, variant
 
     mx.synchronize()
     mx.reset_peak_memory()
+    rss_reset = _reset_peak_rss()
     tic = time.perf_counter()
     prompt_s, n = 0.0, 0
     for n, _ in enumerate(generate_step(prompt, model, max_tokens=generation_tokens)):
@@ -56,7 +62,52 @@ def generate(model: nn.Module, prompt: mx.array, generation_tokens: int, variant
     generation_s = time.perf_counter() - tic
     # generate_step queues one more step before it stops: let it finish outside the timing.
     mx.synchronize(generation_stream)
-    return Run(variant, int(prompt.size), prompt_s, n, generation_s, int(mx.get_peak_memory()))
+    return Run(variant, int(prompt.size), prompt_s, n, generation_s, int(mx.get_peak_memory()),
+               _status_bytes("VmHWM") if rss_reset else None)
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # the peak resident size restarts from now
+        return True
+    except OSError:
+        return False
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def background_load(seconds: float = 0.3) -> float:
+    """Share of the machine's CPU time used over a short window while this process sleeps,
+    i.e. by others (Linux; 0 where /proc/stat cannot be read)."""
+    def busy():
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields) - fields[3] - fields[4], sum(fields)
+
+    try:
+        b0, t0 = busy()
+        time.sleep(seconds)
+        b1, t1 = busy()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return (b1 - b0) / max(1, t1 - t0)
+
+
+def wait_for_quiet(limit: float = 0.1, max_wait_s: float = 60.0) -> float:
+    """The machine may be shared: waits (up to max_wait_s) until others use less than
+    `limit` of it, and returns the share they used last (recorded with the run)."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        load = background_load()
+        if load < limit or time.monotonic() > deadline:
+            return load
 
 
 @dataclass(frozen=True)
@@ -95,6 +146,8 @@ class Profile:
     calls: Counter  # op -> calls per token
     replay_s: dict  # (variant, op) -> seconds per token, median
     build_s: dict  # variant -> seconds to build one token's graph (no evaluation)
+    # MLX ops neither variant replaces, replayed the same way: name -> (calls, seconds)
+    unpatched: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -124,10 +177,11 @@ class BenchResult:
 
 def bench_model(model: nn.Module, *, name: str, prompt_tokens: int = 512,
                 generation_tokens: int = 128, rounds: int = 5, seed: int = 0,
-                profile: bool = True, log=print) -> BenchResult:
+                profile: bool = True, wait: bool = True, log=print) -> BenchResult:
     """Checks the logits, then times `rounds` interleaved stock/patched generations (after
-    one warm-up of each; the order alternates per round), records which kernels ran and,
-    with `profile`, takes a decode token apart."""
+    a short warm-up of each; the order alternates per round), records which kernels ran
+    and, with `profile`, takes a decode token apart. With `wait`, each run waits (up to a
+    minute) until other processes use < 10% of the machine, and records what they used."""
     if generation_tokens < 2:
         raise ValueError("generation needs at least 2 tokens (the first one ends the prompt's time)")
     check = check_logits(model)
@@ -142,14 +196,15 @@ def bench_model(model: nn.Module, *, name: str, prompt_tokens: int = 512,
     kernels = kernel_census(model, prompt)
     handle.unpatch()
 
-    def run(variant: str) -> Run:
+    def run(variant: str, tokens: mx.array = prompt, generated: int = generation_tokens) -> Run:
+        load = wait_for_quiet() if wait else 0.0
         if variant == "stock":
-            return generate(model, prompt, generation_tokens, variant)
+            return replace(generate(model, tokens, generated, variant), load=load)
         with patch(model):
-            return generate(model, prompt, generation_tokens, variant)
+            return replace(generate(model, tokens, generated, variant), load=load)
 
-    for variant in VARIANTS:  # warm-up: first-call selection, allocations
-        run(variant)
+    for variant in VARIANTS:  # warm-up (short): first calls, heuristics, allocations
+        run(variant, prompt[:16], 4)
     runs, pairs = [], []
     for i in range(rounds):
         order = VARIANTS if i % 2 == 0 else VARIANTS[::-1]
@@ -158,7 +213,7 @@ def bench_model(model: nn.Module, *, name: str, prompt_tokens: int = 512,
         pairs.append((done["stock"], done["patched"]))
         log(f"round {i + 1}/{rounds}: " + ", ".join(
             f"{v} prompt {done[v].prompt_tps:.1f} tok/s, generation {done[v].generation_tps:.2f} tok/s"
-            for v in VARIANTS))
+            f" (load before {done[v].load:.0%})" for v in VARIANTS))
     result = BenchResult(name, check.dtype, prompt_tokens, generation_tokens, check, runs, summary,
                          counts, kernels, pairs=pairs)
     if profile:
@@ -224,14 +279,20 @@ def profile_token(model: nn.Module, prompt: mx.array, reps: int = 15) -> Profile
     token's graph, stock and patched."""
     from mlx_lm.models.cache import make_prompt_cache
 
+    wait_for_quiet()
     cache = make_prompt_cache(model)
     mx.eval(model(prompt[None], cache=cache))
     token = prompt[None, -1:]
     with patch(model):
-        with recording(keep_arguments=True) as recorder:
+        with recording(keep_arguments=True) as recorder, _recording_mlx_fast(UNPATCHED) as fast:
             logits = model(token, cache=cache)
-        mx.eval(logits, [c.args for c in recorder.calls])
+        mx.eval(logits, [c.args for c in recorder.calls], [a for _, a, _ in fast])
     calls = recorder.calls
+    unpatched = {}
+    for name in UNPATCHED:
+        mine = [(getattr(mx.fast, name), a, k) for n, a, k in fast if n == name]
+        if mine:
+            unpatched[name] = (len(mine), _median_time(lambda: mx.eval([f(*a, **k) for f, a, k in mine]), reps))
     replay = {}
     for op in ("matmul", "attention"):
         mine = [c for c in calls if c.op == op]
@@ -245,7 +306,30 @@ def profile_token(model: nn.Module, prompt: mx.array, reps: int = 15) -> Profile
         finally:
             if handle is not None:
                 handle.unpatch()
-    return Profile(int(prompt.size), Counter(c.op for c in calls), replay, build)
+    return Profile(int(prompt.size), Counter(c.op for c in calls), replay, build, unpatched)
+
+
+UNPATCHED = ("rms_norm", "layer_norm", "rope")  # mx.fast ops a token spends time in
+
+
+@contextmanager
+def _recording_mlx_fast(names):
+    """Records the calls of mx.fast functions (models look them up at call time)."""
+    calls, originals = [], {name: getattr(mx.fast, name) for name in names}
+
+    def recorder(name, fn):
+        def wrapped(*args, **kwargs):
+            calls.append((name, args, kwargs))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for name, fn in originals.items():
+        setattr(mx.fast, name, recorder(name, fn))
+    try:
+        yield calls
+    finally:
+        for name, fn in originals.items():
+            setattr(mx.fast, name, fn)
 
 
 def _build_only(model, token, cache):
