@@ -6,7 +6,8 @@ against the same calls chained in one evaluation (each consuming the previous ou
 
 Cases: `ke.matmul` as the heuristics choose and with the same configuration forced to one
 thread, `mx.matmul`, and `mx.add`, on the shape issue 11 reported (16x2048x2048 bf16, W
-stored [N, K]) and a decode projection (1x1024x1024 bf16, gemv). A model's token is one
+stored [N, K]), a quarter of it (16x1024x1024: does the extra cost grow with the packed
+weight?) and decode projections (1xNxK bf16, gemv: nothing packed). A model's token is one
 evaluation of ~200 such calls, so the chained figure is the one a model pays per call; the
 difference is the cost of an evaluation boundary (tuning timings that evaluate one call at a
 time carry it).
@@ -56,12 +57,15 @@ def one_thread(config: ke.KernelConfig) -> ke.KernelConfig:
 
 
 def main() -> None:
+    from kernelevo.mlx_lm.bench import wait_for_quiet
+
+    load = wait_for_quiet()
     rng = np.random.default_rng(0)
     chip = chips.detect("cpu")
     print(f"per-call cost on {chip.id} ({chip.name}), mlx {mx.__version__}; {REPS} x {CHAIN} calls, "
-          f"median [quartiles] in us")
+          f"median [quartiles] in us; others used {load:.0%} of the machine before the start")
     print(f"{'case':44s} {'chained':>22s} {'one per eval':>22s} {'difference':>10s}")
-    for M, N, K in ((16, 2048, 2048), (1, 1024, 1024)):
+    for M, N, K in ((16, 2048, 2048), (16, 1024, 1024), (1, 2048, 2048), (1, 1024, 1024)):
         w = mx.array((rng.standard_normal((N, K)) / np.sqrt(K)).astype(np.float32)).astype(mx.bfloat16)
         x = mx.array(rng.standard_normal((M, K)).astype(np.float32)).astype(mx.bfloat16)
         mx.eval(w, x)

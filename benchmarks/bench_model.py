@@ -107,8 +107,10 @@ def section(datasets: list[dict]) -> str:
         lines.append(f"| patched / stock | {spread(d['ratio']['prompt_tps'])}x | "
                      f"{spread(d['ratio']['generation_tps'])}x | |")
         loads = [r["load"] for r in d["runs"]]
-        lines += ["", f"Load by other processes just before a run: at most {max(loads):.0%} "
-                      f"(median {sorted(loads)[len(loads) // 2]:.0%}).",
+        during = [r["load_during"] for r in d["runs"] if r.get("load_during") is not None]
+        lines += ["", f"Other processes' share of the machine just before a run: at most {max(loads):.0%}"
+                      + (f"; during a run: median {sorted(during)[len(during) // 2]:.0%}, at most "
+                         f"{max(during):.0%}" if during else "") + ".",
                   f"Replaced: {', '.join(f'{n} {k}' for k, n in d['replaced'].items())}. Kernels per "
                   f"pass: prefill {_families(d['kernels']['prefill'])}; decode "
                   f"{_families(d['kernels']['decode'])}."]

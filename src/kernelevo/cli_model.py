@@ -119,7 +119,8 @@ def _as_json(result, bench) -> dict:
         "generation_tokens": result.generation_tokens, "check": str(result.check),
         "replaced": result.counts, "summary": result.patch_summary,
         "kernels": {phase: dict(c) for phase, c in result.kernels.items()},
-        "runs": [vars(r) for r in result.runs],
+        "runs": [{**vars(r), "prompt_tps": r.prompt_tps, "generation_tps": r.generation_tps}
+                 for r in result.runs],
         "median": {v: {w: spread(result.spread(v, w)) for w in ("prompt_tps", "generation_tps", "peak_memory_bytes")}
                    for v in bench.VARIANTS},
         "ratio": {w: spread(result.ratio(w)) for w in ("prompt_tps", "generation_tps")},

@@ -5,6 +5,7 @@ cache), after a logits check; which kernels ran; what share of a token the patch
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import replace
@@ -17,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .parity import LogitsCheck, check_logits
+from .parity import LogitsCheck, check_logits, vocab_size
 from .patching import Call, Patch, linear, patch, recording
 
 VARIANTS = ("stock", "patched")
@@ -36,6 +37,7 @@ class Run:
     peak_memory_bytes: int  # MLX's allocator (weights, activations, KV cache)
     peak_rss_bytes: int | None = None  # the process (kernelevo's own workspace too); Linux only
     load: float = 0.0  # share of the machine other processes used just before the run
+    load_during: float | None = None  # ... and while it ran (Linux)
 
     @property
     def prompt_tps(self) -> float:
@@ -53,6 +55,7 @@ def generate(model: nn.Module, prompt: mx.array, generation_tokens: int, variant
     mx.synchronize()
     mx.reset_peak_memory()
     rss_reset = _reset_peak_rss()
+    others = _OthersProbe()
     tic = time.perf_counter()
     prompt_s, n = 0.0, 0
     for n, _ in enumerate(generate_step(prompt, model, max_tokens=generation_tokens)):
@@ -63,7 +66,32 @@ def generate(model: nn.Module, prompt: mx.array, generation_tokens: int, variant
     # generate_step queues one more step before it stops: let it finish outside the timing.
     mx.synchronize(generation_stream)
     return Run(variant, int(prompt.size), prompt_s, n, generation_s, int(mx.get_peak_memory()),
-               _status_bytes("VmHWM") if rss_reset else None)
+               _status_bytes("VmHWM") if rss_reset else None, load_during=others.share())
+
+
+class _OthersProbe:
+    """The share of the machine's CPU time that other processes used since it was made:
+    all CPUs' busy time (/proc/stat) less this process's own (Linux; None elsewhere)."""
+
+    def __init__(self):
+        self.start = self._read()
+
+    @staticmethod
+    def _read():
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        own = os.times()
+        return sum(fields) - fields[3] - fields[4], sum(fields), own.user + own.system
+
+    def share(self) -> float | None:
+        end = self._read()
+        if self.start is None or end is None or end[1] <= self.start[1]:
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        busy_s, total_s = (end[0] - self.start[0]) / hz, (end[1] - self.start[1]) / hz
+        return max(0.0, busy_s - (end[2] - self.start[2])) / total_s
 
 
 def _reset_peak_rss() -> bool:
@@ -188,7 +216,7 @@ def bench_model(model: nn.Module, *, name: str, prompt_tokens: int = 512,
     log(str(check))
     if not check.ok:
         raise RuntimeError(f"the patched model's logits are wrong ({check}); nothing was timed")
-    vocab = int(model.args.vocab_size)
+    vocab = vocab_size(model)
     prompt = mx.array(np.random.default_rng(seed).integers(0, vocab, prompt_tokens), dtype=mx.int32)
 
     handle = patch(model)
@@ -213,12 +241,17 @@ def bench_model(model: nn.Module, *, name: str, prompt_tokens: int = 512,
         pairs.append((done["stock"], done["patched"]))
         log(f"round {i + 1}/{rounds}: " + ", ".join(
             f"{v} prompt {done[v].prompt_tps:.1f} tok/s, generation {done[v].generation_tps:.2f} tok/s"
-            f" (load before {done[v].load:.0%})" for v in VARIANTS))
+            f" (others' load before {done[v].load:.0%}, during {_share(done[v].load_during)})"
+            for v in VARIANTS))
     result = BenchResult(name, check.dtype, prompt_tokens, generation_tokens, check, runs, summary,
                          counts, kernels, pairs=pairs)
     if profile:
         result.profile = profile_token(model, prompt)
     return result
+
+
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
 
 
 def kernel_census(model: nn.Module, prompt: mx.array) -> dict:

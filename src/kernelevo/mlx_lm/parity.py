@@ -83,7 +83,7 @@ def check_logits(model: nn.Module, prompt_tokens: int = 24, decode_tokens: int =
     """Runs the model stock, then patched (and unpatched again), on the same random tokens
     and compares the logits with kernelevo.tune.verify.TOLERANCE for the model's dtype (see
     LogitsCheck). The model must be unpatched; it is left as it was."""
-    vocab = _vocab_size(model)
+    vocab = vocab_size(model)
     rng = np.random.default_rng(seed)
     prompt = mx.array(rng.integers(0, vocab, prompt_tokens), dtype=mx.int32)
     decode = mx.array(rng.integers(0, vocab, max(decode_tokens, 1)), dtype=mx.int32)
@@ -117,7 +117,7 @@ def _f32_logits(model: nn.Module, prompt: mx.array, decode: mx.array):
         model.update(tree_unflatten(saved))
 
 
-def _vocab_size(model: nn.Module) -> int:
+def vocab_size(model: nn.Module) -> int:
     args = getattr(model, "args", None)
     vocab = getattr(args, "vocab_size", None) or getattr(model, "vocab_size", None)
     if not vocab:

@@ -32,6 +32,7 @@ import ast
 import hashlib
 import inspect
 import math
+import re
 import sys
 import textwrap
 from collections import Counter
@@ -313,10 +314,14 @@ def _unpatch_sdpa(module_name: str) -> None:
         setattr(sys.modules[module_name], SDPA_NAME, MLX_SDPA)
 
 
+# mlx-lm's name called bare (as imported) or through its module; not mx.fast's.
+_SDPA_CALL = re.compile(r"(?<![\w.])(base\.)?scaled_dot_product_attention\s*\(")
+
+
 def _calls_sdpa(cls: type) -> bool:
-    """Whether the class's own call names scaled_dot_product_attention."""
+    """Whether the class's own call calls mlx-lm's scaled_dot_product_attention."""
     try:
-        return SDPA_NAME in inspect.getsource(cls.__call__)
+        return _SDPA_CALL.search(inspect.getsource(cls.__call__)) is not None
     except (OSError, TypeError):
         return False
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..tune.workloads import AttentionShape, MatmulShape, Workload
 from .models import build_model, resolve_source
+from .parity import vocab_size
 from .patching import Call, is_patched, patch, recording
 
 
@@ -22,7 +23,7 @@ def record_calls(model, prompt_tokens: int = 512, seed: int = 0) -> dict[str, li
     recording unless it already is."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    prompt = mx.array(np.random.default_rng(seed).integers(0, int(model.args.vocab_size), prompt_tokens),
+    prompt = mx.array(np.random.default_rng(seed).integers(0, vocab_size(model), prompt_tokens),
                       dtype=mx.int32)
     cache = make_prompt_cache(model)
     phases = {}
