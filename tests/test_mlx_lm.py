@@ -367,3 +367,14 @@ def test_import_kernelevo_does_not_import_mlx_lm():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_without_mlx_lm_the_model_commands_say_what_to_install(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(PRESETS["tiny-qwen3"]))
+    code = ("import sys; sys.modules['mlx_lm'] = None; from kernelevo.cli import main; "
+            "sys.argv = ['kernelevo'] + sys.argv[1:]; main()")
+    for args in (["bench-model", "tiny-qwen3"], ["tune", "--backend", "cpu", "--model", str(tmp_path)]):
+        result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert "needs mlx-lm" in result.stderr and "Traceback" not in result.stderr
