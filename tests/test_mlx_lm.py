@@ -99,6 +99,8 @@ def test_patched_logits_agree_with_stock(family, dtype):
     assert check.counts["attention"] == layers
     assert check.counts["linear"] >= 7 * layers
     assert sum(n for kind, n in check.counts.items() if kind.startswith("mlp")) == layers
+    # the embedding is replaced only where it is also the output head
+    assert ("embedding as_linear" in check.counts) == PRESETS[family].get("tie_word_embeddings", True)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -8,7 +8,8 @@ What is replaced, in place, and undone by `Patch.unpatch()`:
 - MLPs whose code is one of the known gated forms (`down(swiglu(gate(x), up(x)))`,
   `down(gelu_approx(gate(x)) * up(x))`, `down(gelu(gate(x)) * up(x))`): the gate's
   activation is fused into its product's epilogue as well.
-- `nn.Embedding.as_linear` (a tied output head): one `kernelevo.matmul`.
+- `nn.Embedding.as_linear` (a tied output head, in a model without an `lm_head`): one
+  `kernelevo.matmul`.
 - `scaled_dot_product_attention` as mlx-lm's model modules import it from
   `mlx_lm.models.base`: `kernelevo.attention` with the model's mask ("causal", a boolean or
   an additive array, or none); a quantized KV cache and attention sinks stay MLX's.
@@ -435,9 +436,11 @@ def patch(model: nn.Module) -> Patch:
         if id(module) not in seen:
             seen.add(id(module))
             modules.append((path, module))
+    # An embedding is a product only as a tied output head (a model without an lm_head).
+    tied = not any(path.split(".")[-1] == "lm_head" for path, _ in modules)
     try:
         for path, module in modules:
-            _patch_leaf(handle, path, module)
+            _patch_leaf(handle, path, module, tied)
         for path, module in modules:
             _patch_mlp(handle, path, module)
         _patch_attention(handle, modules)
@@ -448,9 +451,11 @@ def patch(model: nn.Module) -> Patch:
     return handle
 
 
-def _patch_leaf(handle: Patch, path: str, module: nn.Module) -> None:
+def _patch_leaf(handle: Patch, path: str, module: nn.Module, tied: bool) -> None:
     cls = type(module)
     what = f"{cls.__module__}.{cls.__qualname__}"
+    if cls is nn.Embedding and not tied:
+        return  # a lookup table only: nothing to replace
     if cls is nn.Linear or cls is nn.Embedding:
         reason = _float_weights(module)
         if reason:
