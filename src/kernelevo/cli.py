@@ -222,13 +222,17 @@ def _workload(workload: str, model: Optional[Path], shapes: Optional[Path]):
     from .tune import workloads as wl
 
     try:
+        if model is not None and model.is_dir():
+            from .mlx_lm.record import workload_from_model_dir
+
+            return workload_from_model_dir(model)
         if model is not None:
             return wl.from_config(model)
         if shapes is not None:
             return wl.from_shapes_file(shapes)
         if workload in wl.PRESETS:
             return wl.PRESETS[workload]
-    except ValueError as error:
+    except (ValueError, ImportError) as error:
         _fail(str(error), 2)
     _fail(f"unknown workload {workload!r}; presets: {', '.join(wl.PRESETS)}", 2)
 
@@ -279,7 +283,8 @@ class _Bar:
 
 
 _WORKLOAD_HELP = "a built-in workload preset"
-_MODEL_HELP = "derive the workload from a Hugging Face / mlx-lm config.json"
+_MODEL_HELP = ("derive the workload from a Hugging Face / mlx-lm config.json, or record it from "
+               "an mlx-lm model directory's forward pass")
 _SHAPES_HELP = "a JSON file of explicit shapes (\"split\": \"held-out\" marks shapes to judge on)"
 
 
@@ -848,6 +853,9 @@ def db_prune(stale: bool = typer.Option(False, help="measurements of kernels thi
 def main() -> None:
     app()
 
+
+from .cli_model import register as _register_model_commands  # noqa: E402 — `bench-model`
+_register_model_commands(app)
 
 if __name__ == "__main__":
     main()
