@@ -1,9 +1,13 @@
 """Turning measurements into a small, readable .kevo program that reaches shapes nobody
 measured.
 
-Training shapes are grouped by what changes a kernel's code path (dtype, transposes,
-epilogue; mask kind) and pinned to what every training shape of the group shares (batch;
-head_dim, softcap, window). Within a group a small decision tree splits on ranges of the
+Training shapes are grouped by the shipped rule that serves them and by what changes a
+kernel's code path (dtype, transposes, epilogue; mask kind), and pinned to what every
+training shape of the group shares (batch; head_dim, softcap, window). A tuned rule then
+*refines one shipped rule*: it is written just before it, and its condition includes the
+shipped rule's, so it only ever takes calls that rule would have served — the regions where
+the baseline changes are never straddled, and where a tuned rule is not confirmed the
+shipped rule below it keeps its calls. Within a group a small decision tree splits on ranges of the
 call's sizes and sizes derived from them (`M <= 32`, `N * K > 1 << 22`, `q_len * gqa <= 8`),
 each cut placed at a power of two between the measured values; each leaf is the one
 configuration best on all of the leaf's shapes — or the shipped rules, where nothing beats
@@ -75,20 +79,23 @@ class Split:
 
 @dataclass
 class Evidence:
-    """What distillation knows of one training shape: its noise band and the confirmed
-    ratio (time over the shipped choice's) of every configuration measured on it."""
+    """What distillation knows of one training shape: its noise band, the confirmed ratio
+    (time over the shipped choice's) of every configuration measured on it, and the number
+    of the shipped rule that serves it (None: refine no particular rule)."""
 
     shape: Shape
     band: float
     ratios: dict[str, float]
+    shipped_rule: int | None = None
 
     @cached_property
     def features(self) -> dict:
         return self.shape.features()
 
 
-def group_key(op: str, features: Mapping) -> tuple:
-    return (op,) + tuple(features[k] for k in GROUP_FEATURES[op])
+def group_key(op: str, features: Mapping, shipped_rule: int | None = None) -> tuple:
+    """(op, the shipped rule that serves the call, the features of GROUP_FEATURES)."""
+    return (op, shipped_rule) + tuple(features[k] for k in GROUP_FEATURES[op])
 
 
 def _cut(below: int, above: int) -> int:
@@ -245,18 +252,25 @@ class TunedRule:
     speedup: float  # geometric mean over them (confirmed measurements)
     claim: str = ""  # the comment written above it (set once it is re-timed)
 
+    @property
+    def refines(self) -> int | None:
+        """The shipped rule it is written before (and whose calls alone it takes)."""
+        return self.group[1]
+
 
 def rule_for(op: str, backend: str, chip: Chip, group: tuple, pinned: Mapping[str, tuple],
-             leaf: Leaf) -> TunedRule | None:
+             leaf: Leaf, shipped_condition: ast.Expr | None = None) -> TunedRule | None:
     """The rule of a leaf, or None when its configuration can serve none of the group's
-    calls (a constraint on the call fails for every one of them)."""
+    calls (a constraint on the call fails for every one of them). `shipped_condition` is the
+    condition of the shipped rule it refines (None for an else, or no particular rule)."""
     config = KernelConfig.parse(leaf.config, op, backend)
     names = GROUP_FEATURES[op]
-    known = dict(zip(names, group[1:]))
+    known = dict(zip(names, group[2:]))
     if op == "attention":
         known["causal"] = known["mask"] == "causal"
     known.update({k: v[0] for k, v in pinned.items() if len(v) == 1})
-    terms = [_is_term(k, v) for k, v in zip(names, group[1:])]
+    terms = ([shipped_condition] if shipped_condition is not None else [])
+    terms += [_is_term(k, v) for k, v in zip(names, group[2:])]
     for name, values in pinned.items():
         terms.append(_is_term(name, values[0]) if len(values) == 1 else
                      ast.InSet(ast.Name(name), tuple(literal(v) for v in values)))
@@ -305,22 +319,26 @@ def pinned_values(op: str, evidence: Sequence[Evidence]) -> dict[str, tuple]:
 def groups(evidence: Sequence[Evidence]) -> dict[tuple, list[Evidence]]:
     out: dict[tuple, list[Evidence]] = defaultdict(list)
     for ev in evidence:
-        out[group_key(ev.shape.op, ev.features)].append(ev)
+        out[group_key(ev.shape.op, ev.features, ev.shipped_rule)].append(ev)
     return dict(out)
 
 
+ShippedConditions = Callable[[str, int], "ast.Expr | None"]
+
+
 def tree_rules(evidence: Sequence[Evidence], depth: int, backend: str, chip: Chip,
-               min_speedup: float) -> dict[tuple, list[TunedRule]]:
+               min_speedup: float, shipped: ShippedConditions | None = None) -> dict[tuple, list[TunedRule]]:
     """Per group, the rules of its tree of at most `depth` levels (leaves that keep the
-    shipped rules give none)."""
+    shipped rules give none). `shipped(op, number)` is a shipped rule's condition."""
     out: dict[tuple, list[TunedRule]] = {}
     for key, members in groups(evidence).items():
-        op = key[0]
+        op, number = key[0], key[1]
         pinned = pinned_values(op, members)
+        condition = shipped(op, number) if shipped is not None and number is not None else None
         rules = []
         for leaf in grow(op, members, depth, min_speedup):
             if leaf.config is not None:
-                rule = rule_for(op, backend, chip, key, pinned, leaf)
+                rule = rule_for(op, backend, chip, key, pinned, leaf, condition)
                 if rule is not None:
                     rules.append(rule)
         out[key] = rules
@@ -328,9 +346,17 @@ def tree_rules(evidence: Sequence[Evidence], depth: int, backend: str, chip: Chi
 
 
 def candidates(evidence: Sequence[Evidence], backend: str, chip: Chip, min_speedup: float,
-               max_depth: int = MAX_DEPTH) -> list[dict[tuple, list[TunedRule]]]:
+               max_depth: int = MAX_DEPTH, shipped: ShippedConditions | None = None
+               ) -> list[dict[tuple, list[TunedRule]]]:
     """The rules of every group's tree at depths 0 .. max_depth."""
-    return [tree_rules(evidence, d, backend, chip, min_speedup) for d in range(max_depth + 1)]
+    return [tree_rules(evidence, d, backend, chip, min_speedup, shipped) for d in range(max_depth + 1)]
+
+
+def shipped_conditions(program: ast.Program) -> ShippedConditions:
+    """A shipped rule's condition by (op, rule number); None for the else."""
+    def condition(op: str, number: int) -> ast.Expr | None:
+        return program.section(op).rules[number - 1].condition
+    return condition
 
 
 # -- the program ------------------------------------------------------------------------
@@ -342,26 +368,47 @@ class Distilled:
     header: tuple[str, ...] = ()  # comment lines at the top of the written file
 
     def render(self, shipped: ast.Program, shipped_name: str, chip: Chip) -> str:
+        """The shipped program with each tuned rule written just before the shipped rule it
+        refines (rules that refine no particular one before the first)."""
         sections = []
         for section in shipped.sections:
-            tuned = [ast.Rule(r.condition, config_spec(r.config),
-                              ast.Comments(tuple(r.claim.splitlines()) if r.claim else ()))
-                     for r in self.rules if r.op == section.op]
-            lets = [i for i in section.items if isinstance(i, ast.Let)]
-            rest = [i for i in section.items if not isinstance(i, ast.Let)]
-            if tuned and rest:
-                first = rest[0]
-                rest[0] = ast.Rule(first.condition, first.config, ast.Comments(
-                    (f"# shipped rules, from {shipped_name}",) + first.comments.before,
-                    first.comments.after, True))
-            sections.append(ast.Section(section.op, tuple(lets) + tuple(tuned) + tuple(rest),
-                                        section.comments, section.trailing))
+            mine = [r for r in self.rules if r.op == section.op]
+            items: list[ast.Item] = []
+            number = 0
+            for item in section.items:
+                if isinstance(item, ast.Rule):
+                    number += 1
+                    tuned = [r for r in mine if r.refines == number or (number == 1 and r.refines is None)]
+                    for i, r in enumerate(tuned):
+                        first = (f"# tuned on this machine, refining the shipped rule below (from "
+                                 f"{shipped_name}):",) if i == 0 else ()
+                        items.append(ast.Rule(r.condition, config_spec(r.config), ast.Comments(
+                            first + (tuple(r.claim.splitlines()) if r.claim else ()), None, i == 0)))
+                    if tuned:
+                        item = ast.Rule(item.condition, item.config, ast.Comments(
+                            item.comments.before, item.comments.after, True))
+                items.append(item)
+            sections.append(ast.Section(section.op, tuple(items), section.comments, section.trailing))
         stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime())
         header = ast.Comments((f"# Tuned for {chip.id} ({chip.name}) by `kernelevo tune`, {stamp}.",
-                               "# Rules measured on this machine come first; the shipped rules follow.")
+                               "# Each measured rule is written just before the shipped rule it refines.")
                               + self.header)
         return format_program(ast.Program(shipped.version, shipped.target, (chip.id,),
                                           tuple(sections), header))
+
+    def numbering(self, shipped: ast.Program) -> dict[tuple[str, int], TunedRule]:
+        """(op, rule number in the rendered program) -> the tuned rule written there."""
+        out = {}
+        for section in shipped.sections:
+            mine = [r for r in self.rules if r.op == section.op]
+            position = 0
+            for number in range(1, len(section.rules) + 1):
+                for r in mine:
+                    if r.refines == number or (number == 1 and r.refines is None):
+                        position += 1
+                        out[(section.op, position)] = r
+                position += 1  # the shipped rule itself
+        return out
 
 
 def _value(v) -> ast.Expr:

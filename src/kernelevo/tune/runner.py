@@ -79,6 +79,7 @@ class ShapeResult:
     search: dict[str, float] = field(default_factory=dict)  # config -> search-phase ratio
     confirmed: dict[str, Measurement] = field(default_factory=dict)  # usable confirmations
     failure: str | None = None  # why the shipped choice itself failed
+    shipped_rule: int | None = None  # the number of the shipped rule that serves the shape
 
     @property
     def band(self) -> float | None:
@@ -99,7 +100,7 @@ class ShapeResult:
         # What the shipped rules choose runs exactly as they do: 1 by identity, not measured
         # (an A/A pair's ratio is noise, never a candidate's figure).
         ratios[self.shipped.to_dsl()] = 1.0
-        return Evidence(self.shape, self.band, ratios)
+        return Evidence(self.shape, self.band, ratios, self.shipped_rule)
 
 
 @dataclass
@@ -227,10 +228,15 @@ class Tuner:
         result.elapsed_s = time.perf_counter() - self._started
         return result
 
+    def _group(self, shape: Shape) -> tuple:
+        rule = self.shipped.select(shape.op, shape.features()).rule_number
+        return distill.group_key(shape.op, shape.features(), rule)
+
     def _tune_shape(self, shape: Shape) -> ShapeResult:
         m = self.measurer
         shipped = m.shipped_config(shape)
         result = ShapeResult(shape, shipped)
+        result.shipped_rule = self.shipped.select(shape.op, shape.features()).rule_number
         base = shipped.to_dsl()
         control = m.control(shape)
         result.control = control
@@ -269,7 +275,7 @@ class Tuner:
         lets one rule serve several shapes."""
         groups: dict[tuple, list[ShapeResult]] = defaultdict(list)
         for s in shapes:
-            groups[distill.group_key(s.shape.op, s.shape.features())].append(s)
+            groups[self._group(s.shape)].append(s)
         for members in groups.values():
             winners = sorted((s.best[1], s.best[0]) for s in members
                              if s.best and 1.0 / s.best[1] >= self.settings.min_speedup)
@@ -292,7 +298,8 @@ class Tuner:
 
     def _distill(self, result: TuneResult, held_out: Sequence[Shape]) -> list[TunedRule]:
         evidence = [e for e in (s.evidence() for s in result.shapes) if e is not None]
-        per_depth = distill.candidates(evidence, self.backend, self.chip, self.settings.min_speedup)
+        per_depth = distill.candidates(evidence, self.backend, self.chip, self.settings.min_speedup,
+                                       shipped=distill.shipped_conditions(self.shipped.program))
         if not held_out:
             # Nothing to judge on: the deepest tree, restricted to the training evidence.
             chosen = {key: len(per_depth) - 1 for key in per_depth[0]}
@@ -307,7 +314,7 @@ class Tuner:
             scores = {s.shape.key: s for s in scorer.score(program, [("held-out", h) for h in held_out]).shapes}
             survivors: dict[tuple, list[TunedRule]] = {}
             for key, group in by_group.items():
-                members = [h for h in held_out if distill.group_key(h.op, h.features()) == key]
+                members = [h for h in held_out if self._group(h) == key]
                 survivors[key] = []
                 for r in group:
                     why = self._held_out_objection(r, rules, members, scores)
@@ -323,18 +330,15 @@ class Tuner:
                     group_scores[(key, depth)] = None
             kept.append(survivors)
         depths = distill.choose_depths(kept, lambda key, d: group_scores.get((key, d)))
-        for key, d in depths.items():
-            result.dropped += why_dropped[(key, d)]
+        # Why rules went, at every depth tried (the same rule often appears at several).
+        result.dropped += list(dict.fromkeys(w for ws in why_dropped.values() for w in ws))
         return [r for key, d in depths.items() for r in kept[d].get(key, [])]
 
-    @staticmethod
-    def _rule_of(score, rules: Sequence[TunedRule]) -> TunedRule | None:
-        """The tuned rule that chose for a scored shape (tuned rules come first in their
-        section, in order), or None where a shipped rule chose."""
-        mine = [r for r in rules if r.op == score.shape.op]
-        if score.rule is None or score.rule > len(mine):
+    def _rule_of(self, score, rules: Sequence[TunedRule]) -> TunedRule | None:
+        """The tuned rule that chose for a scored shape, or None where a shipped rule chose."""
+        if score.rule is None:
             return None
-        return mine[score.rule - 1]
+        return Distilled(list(rules)).numbering(self.shipped.program).get((score.shape.op, score.rule))
 
     def _selects_kept(self, score, rules, kept) -> bool:
         rule = self._rule_of(score, rules)

@@ -15,7 +15,7 @@
   counter is no guide: a chain of small launches keeps MLX's threads and the kernel's
   team runnable at once, and that contention is the configuration's own.)
 - **Warm.** Before the pairs, both sides are run alternately until their samples settle
-  (the last three of each within 10%, at most a second): on the 2-core VM a thread team
+  (the last three of each within 10%, at most a quarter of a second): on the 2-core VM a thread team
   that has been idle wakes slowly — 2 ms a launch instead of 0.4 — for the first several
   samples of a job.
 - **Shape of the evidence.** Pairs whose ratios fall into two separate states (a thread
@@ -41,7 +41,7 @@ Launch = Callable[[mx.array | None], mx.array]
 
 MIN_SAMPLE_SECONDS = 5e-3  # chain launches until one timed evaluation takes this long
 MAX_BATCH = 256
-WARMUP_MAX_SECONDS = 1.0  # warm up until samples settle, at most this long
+WARMUP_MAX_SECONDS = 0.25  # warm up until samples settle, at most this long
 SETTLED = 1.10  # the last three samples of each side within 10% of each other
 LOAD_THRESHOLD = 0.2  # share of the machine's CPU time other work may use during a block
 BLOCK_SECONDS = 0.2  # /proc/stat counts in ticks (10 ms): a block this long reads within ~5%

@@ -245,11 +245,11 @@ PRESETS: dict[str, Workload] = {
         prefill=(256, 1024), contexts=(1024, 4096),
         # Held out: the larger Qwen3 models' layers at other token counts, and their decode
         held_out=((ARCHITECTURES["qwen3-1.7b"], dict(tokens=(1, 8, 48), prefill=(), contexts=(2048,))),
-                  (ARCHITECTURES["qwen3-4b"], dict(tokens=(24, 96), prefill=(512,), contexts=(8192,)))),
+                  (ARCHITECTURES["qwen3-4b"], dict(tokens=(24, 96, 192), prefill=(512,), contexts=(8192,)))),
         description="Qwen3-0.6B (hidden 1024, 16/8 heads of 128, MLP 3072): projections at 1, 16 "
                     "and 128 tokens, prefill at 256 and 1024, decode at 1k and 4k context; bf16 and "
                     "f32. Held out: Qwen3-1.7B at 1, 8 and 48 tokens and decode at 2k, Qwen3-4B at "
-                    "24 and 96 tokens, prefill 512 and decode at 8k"),
+                    "24, 96 and 192 tokens, prefill 512 and decode at 8k"),
     "llama-3-8b": model_workload(ARCHITECTURES["llama-3-8b"], tokens=(1, 8, 64),
                                  prefill=(512, 2048), contexts=(2048, 8192)),
     "mistral-7b": model_workload(ARCHITECTURES["mistral-7b"], tokens=(1, 8, 64),
