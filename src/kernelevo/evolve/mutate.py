@@ -177,6 +177,8 @@ class Mutator:
     def _neighbour(self, config: KernelConfig, shape: Shape) -> KernelConfig | None:
         """One parameter moved to a neighbouring value of its search list, still valid."""
         fam, params = config.schema, config.as_dict()
+        if not fam.params:  # a family with nothing to tune (`mlx`: MLX's own op)
+            return None
         for _ in range(10):
             p = self.rng.choice(fam.params)
             values = [v for v in p.search_values(self.chip) if p.contains(v)]
