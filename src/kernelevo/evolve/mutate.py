@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from ..chips import Chip
 from ..config import KernelConfig
 from ..dsl import ast, format_program
+from ..dsl.errors import DSLError
 from ..dsl.evaluate import residual
 from ..dsl.select import CompiledProgram
 from ..tune import distill
@@ -138,11 +139,15 @@ class Mutator:
         return replace(program.program, sections=sections)
 
     def _served(self, program: CompiledProgram, op: str) -> dict[int, list[Shape]]:
-        """Rule number -> the training shapes it selects for."""
+        """Rule number -> the training shapes it selects for (a shape whose chosen
+        configuration cannot serve it is served by no rule: an unscored parent may do that)."""
         out: dict[int, list[Shape]] = defaultdict(list)
         for s in self.train:
             if s.op == op:
-                out[program.select(op, s.features()).rule_number].append(s)
+                try:
+                    out[program.select(op, s.features()).rule_number].append(s)
+                except DSLError:
+                    continue
         return out
 
     @staticmethod
