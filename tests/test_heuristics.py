@@ -40,8 +40,9 @@ def test_unknown_chip_gets_generic_heuristics_with_a_warning():
 def test_tuned_file_takes_precedence(tmp_path):
     path = tuned_heuristics_path(LOCAL.id)
     path.parent.mkdir(parents=True)
+    nr = 32 if LOCAL.vector_registers >= 32 else 16  # a register tile this CPU holds
     path.write_text(f"kevo 1\ntarget cpu\nchips {LOCAL.id}\n\nmatmul {{\n"
-                    "  else { gemm mc=12 nc=96 kc=40 mr=4 nr=32 threads=1 split=n engine=fma pack_a=yes epilogue=fused }\n}\n")
+                    f"  else {{ gemm mc=12 nc=96 kc=40 mr=4 nr={nr} threads=1 split=n engine=fma pack_a=yes epilogue=fused }}\n}}\n")
     ke.forget_selections()
     explanation = ke.explain_matmul(matmul_features(20, 30, 40))
     assert explanation.source.origin == "tuned" and explanation.source.path == path

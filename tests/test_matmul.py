@@ -26,7 +26,7 @@ TAIL = "pack_a=yes epilogue=fused"
 # A spread of configurations: edge tiles, small blocks that force many k/n/m blocks, both
 # thread splits, A packed and read in place, every engine this CPU has, and the gemv family.
 CONFIGS = [
-    cfg(f"gemm mc=6 nc=48 kc=7 mr=6 nr=48 threads={CHIP.cores} split=m engine=fma {TAIL}"),
+    cfg(f"gemm mc=6 nc=48 kc=7 mr=6 nr={48 if WIDE else 16} threads={CHIP.cores} split=m engine=fma {TAIL}"),
     cfg(f"gemm mc=16 nc=32 kc=16 mr={16 if WIDE else 4} nr=16 threads=1 split=n engine=fma "
         "pack_a=no epilogue=fused"),
     cfg(f"gemm mc=3 nc=64 kc=33 mr=1 nr={64 if WIDE else 16} threads={CHIP.cores} split=n "

@@ -15,6 +15,7 @@ from kernelevo.ops.matmul_op import epilogue_kind
 from helpers import TOL, f64, operand, relative_error
 
 CHIP = chips.detect("cpu")
+WIDE = CHIP.vector_registers >= 32  # AVX-512 holds 32-wide register tiles; AVX2 has 16 registers
 ENGINES = ke.ops._ext.cpu_engines()
 ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu"]
 _erf = np.vectorize(math.erf)
@@ -48,7 +49,7 @@ def cfg(text):
 
 def configs(epilogue):
     found = [
-        cfg(f"gemm mc=12 nc=64 kc=40 mr=6 nr=32 threads={CHIP.cores} split=m engine=fma "
+        cfg(f"gemm mc=12 nc=64 kc=40 mr=6 nr={32 if WIDE else 16} threads={CHIP.cores} split=m engine=fma "
             f"pack_a=yes epilogue={epilogue}"),
         cfg(f"gemm mc=16 nc=48 kc=512 mr=4 nr=16 threads={CHIP.cores} split=n engine=fma "
             f"pack_a=no epilogue={epilogue}"),
@@ -98,7 +99,7 @@ def test_fused_and_separate_run_differently_in_bf16(rng):
     bias = operand(rng, (64,), "bf16")
     outs = {}
     for epilogue in ("fused", "separate"):
-        config = (f"gemm mc=8 nc=64 kc=96 mr=8 nr=32 threads=1 split=m engine=fma pack_a=yes "
+        config = (f"gemm mc=8 nc=64 kc=96 {'mr=8 nr=32' if WIDE else 'mr=4 nr=16'} threads=1 split=m engine=fma pack_a=yes "
                   f"epilogue={epilogue}")
         outs[epilogue] = ke.matmul(a, b, bias=bias, activation="silu", scale=0.75, config=config)
         assert relative_error(outs[epilogue], reference(a, b, bias, "silu", None, 0.75)) < 2 * TOL["bf16"]

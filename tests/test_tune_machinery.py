@@ -48,23 +48,31 @@ def test_faulty_candidates_are_recorded_and_never_chosen(monkeypatch):
     monkeypatch.setattr(chips, "detect", lambda backend="cpu": two_cores)
     settings = TuneSettings(strategy="exhaustive", candidates=40, reps=2, warmup=0, confirm=2,
                             job_timeout_s=8)
-    command = [sys.executable, FAULTY, "crash=nr=32+threads=1+split=m",
-               "hang=nr=16+threads=2+split=n+pack_a=no+epilogue=fused", "wrong=nr=48+threads=1+split=n"]
-    workload = Workload("t", "test", (MatmulShape(24, 96, 80, "f32"),))
+    shape = MatmulShape(24, 96, 80, "f32")
+    # Plant the faults in register tiles the walk meets first on this chip (AVX-512 and AVX2
+    # hold different tiles): crashes and wrong results on the second tile, one hang on the first.
+    walk = [c.as_dict() for c in Space("matmul", "cpu", two_cores, shape.features()).configs[:40]]
+    tiles = list(dict.fromkeys(tuple(f"{n}={c[n]}" for n in ("mc", "nc", "kc", "mr", "nr")) for c in walk))
+    assert len(tiles) >= 2
+    crash = [*tiles[1], "threads=1", "split=m"]
+    hang = [*tiles[0], "threads=2", "split=n", "pack_a=no", "epilogue=fused"]
+    wrong = [*tiles[1], "threads=1", "split=n"]
+    command = [sys.executable, FAULTY, "crash=" + "+".join(crash), "hang=" + "+".join(hang),
+               "wrong=" + "+".join(wrong)]
+    workload = Workload("t", "test", (shape,))
     with Database(database_path()) as db:
         result = Tuner("cpu", db, settings, worker_command=command).run(workload, write=False)
         rows = db.measurements()
     by_status = {status: [r for r in rows if r.status == status] for status in
                  ("crash", "timeout", "wrong", "ok")}
-    def planted(config, *parts):
+    def planted(config, parts):
         return all(f" {p} " in f" {config} " for p in parts)
 
-    assert by_status["crash"] and all(planted(r.config, "nr=32", "threads=1", "split=m")
-                                      and "SIGSEGV" in r.reason for r in by_status["crash"])
-    assert [planted(r.config, "nr=16", "threads=2", "split=n", "pack_a=no", "epilogue=fused")
-            for r in by_status["timeout"]] == [True]
-    assert by_status["wrong"] and all(planted(r.config, "nr=48", "threads=1", "split=n")
-                                      and "relative error" in r.reason for r in by_status["wrong"])
+    assert by_status["crash"] and all(planted(r.config, crash) and "SIGSEGV" in r.reason
+                                      for r in by_status["crash"])
+    assert [planted(r.config, hang) for r in by_status["timeout"]] == [True]
+    assert by_status["wrong"] and all(planted(r.config, wrong) and "relative error" in r.reason
+                                      for r in by_status["wrong"])
     assert len(by_status["ok"]) > 10
     assert result.restarts == len(by_status["crash"]) + len(by_status["timeout"])
     faulty = {r.config for s in ("crash", "timeout", "wrong") for r in by_status[s]}

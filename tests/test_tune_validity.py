@@ -139,8 +139,8 @@ def test_replayed_scores_equal_live_scores_on_stored_data(tmp_path):
     assert replayed.geomean("held-out") == live.geomean("held-out") > 1.5
     assert not replayed.unmeasured
     # a program choosing something never measured: replay says so instead of guessing
-    other = text.replace("mr=4 nr=16", "mr=8 nr=16", 1)
-    assert "mr=8 nr=16" in other
+    other = text.replace("mr=4 nr=16", "mr=2 nr=16", 1)  # valid on every CPU, never a candidate
+    assert "mr=2 nr=16" in other
     scored = Scorer.replay("cpu", Database(database_path())).score(
         CompiledProgram(parse(other), other, "other.kevo", LOCAL), shapes)
     assert scored.unmeasured and scored.geomean("train") is None
@@ -345,12 +345,18 @@ def test_a_busy_machine_is_seen_and_the_pairs_are_marked():
 # -- kernelevo verify --------------------------------------------------------------------
 
 
+def another_block(shipped: KernelConfig) -> KernelConfig:
+    """The shipped gemm with another row block: a real difference this CPU can run (mc must
+    stay a multiple of the register tile's mr, which depends on the chip)."""
+    mc = next(m for m in (64, 128, 48, 96, 192, 32) if m != shipped.get("mc") and m % shipped.get("mr") == 0)
+    return KernelConfig.make("matmul", "cpu", shipped.family, dict(shipped.as_dict(), mc=mc))
+
+
 def test_verify_flags_a_hand_planted_wrong_claim(tmp_path):
     shapes = tmp_path / "shapes.json"
     shapes.write_text(json.dumps([{"op": "matmul", "M": 64, "N": 256, "K": 256, "dtype": "f32"}]))
     shipped = ke.explain_matmul(MatmulShape(64, 256, 256, "f32").features()).selection.config
-    other = dict(shipped.as_dict(), mc=64 if shipped.get("mc") != 64 else 128)
-    config = KernelConfig.make("matmul", "cpu", shipped.family, other).to_dsl()
+    config = another_block(shipped).to_dsl()
     program = tmp_path / "claims.kevo"
     program.write_text(f"""kevo 1
 target cpu
@@ -381,7 +387,7 @@ def test_verify_judges_claims_against_fresh_worker_re_timings(tmp_path):
     shipped = ke.explain_matmul(TRAIN[0].features()).selection.config
     fast = next(c for c in (KernelConfig.make("matmul", "cpu", "gemm", dict(
         shipped.as_dict(), mc=m, mr=4, nr=16, nc=384)) for m in (32, 64)) if planted(c.to_dsl()))
-    other = KernelConfig.make("matmul", "cpu", "gemm", dict(shipped.as_dict(), mc=64 if shipped.get("mc") != 64 else 128))
+    other = another_block(shipped)
     text = f"""kevo 1
 target cpu
 
