@@ -718,7 +718,7 @@ def evolve_report(run: Optional[int] = typer.Option(None, help="the evolution ru
     from .paths import cache_dir, database_path
     from .tune.db import Database
 
-    with Database(database or database_path()) as db:
+    with Database(database or database_path(), readonly=True) as db:
         store = EvolveStore(db)
         runs = store.runs()
         if not runs:
@@ -761,7 +761,7 @@ def report(run: Optional[int] = typer.Option(None, help="the run (default: the l
     from .tune.db import Database
     from .tune.report import plot as draw
 
-    with Database(database or database_path()) as db:
+    with Database(database or database_path(), readonly=True) as db:
         finished = [r for r in db.runs() if r.status == "finished"]
         chosen = db.run(run) if run is not None else (finished[-1] if finished else None)
         if chosen is None:
@@ -787,15 +787,32 @@ def db_list(database: Optional[Path] = typer.Option(None, "--db")):
     import time
 
     from .paths import database_path
-    from .tune.db import Database
+    from .tune.db import Database, NoDatabase
 
-    with Database(database or database_path()) as db:
+    try:
+        db = Database(database or database_path(), readonly=True)
+    except NoDatabase as error:
+        print(str(error))
+        return
+    with db:
         table = Table("run", "started", "chip", "workload", "status", "measurements", "output")
+        notes = []
         for run in db.runs():
             n = len(db.measurements(run_id=run.id))
+            status = run.status
+            if db.dead(run):
+                status = "died"
+                notes.append(f"run {run.id}: its process (pid {run.pid}) is gone; the next "
+                             "`kernelevo tune` marks it so")
+            elif run.status == "running" and run.host and run.pid:
+                status = f"running (pid {run.pid} on {run.host})"
+            elif run.reason and run.status != "finished":
+                notes.append(f"run {run.id} {run.status}: {run.reason}")
             table.add_row(str(run.id), time.strftime("%Y-%m-%d %H:%M", time.localtime(run.started_at)),
-                          run.chip, run.workload, run.status, str(n), run.output or "")
+                          run.chip, run.workload, status, str(n), run.output or "")
         out.print(table)
+        for note in notes:
+            print(note)
 
 
 @db_app.command("show")
@@ -805,7 +822,7 @@ def db_show(run: Optional[int] = typer.Option(None, help="only this run"),
     from .paths import database_path
     from .tune.db import Database
 
-    with Database(database or database_path()) as db:
+    with Database(database or database_path(), readonly=True) as db:
         table = Table("id", "shape", "config", "status", "median ms", "vs baseline", "reason")
         for m in db.measurements(run_id=run):
             table.add_row(str(m.id), m.shape_key, m.config, m.status, _ms(m.median_s),
@@ -814,44 +831,93 @@ def db_show(run: Optional[int] = typer.Option(None, help="only this run"),
 
 
 @db_app.command("export")
-def db_export(output: Path = typer.Argument(..., help="a JSON file"),
+def db_export(output: Path = typer.Argument(..., help="a JSON file (its folder must exist)"),
               database: Optional[Path] = typer.Option(None, "--db")):
     """Write every run and measurement to a JSON file."""
     import json
+    import os
 
     from .paths import database_path
     from .tune.db import Database
 
-    with Database(database or database_path()) as db:
+    folder = output.parent
+    if not folder.is_dir():
+        _fail(f"cannot write {output}: the folder {folder} does not exist (make it first)", 2)
+    with Database(database or database_path(), readonly=True) as db:
         data = db.export()
-    output.write_text(json.dumps(data, indent=1))
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, output)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     print(f"wrote {len(data['runs'])} runs and {len(data['measurements'])} measurements to {output}")
 
 
 @db_app.command("prune")
 def db_prune(stale: bool = typer.Option(False, help="measurements of kernels this build no longer has"),
              chip: Optional[str] = typer.Option(None, help="all measurements of this chip"),
-             older_than_days: Optional[float] = typer.Option(None, help="measurements older than this"),
+             older_than_days: Optional[float] = typer.Option(None, help="measurements older than this many days"),
+             yes: bool = typer.Option(False, "--yes", help="delete them (without it: only show what would go)"),
              database: Optional[Path] = typer.Option(None, "--db")):
-    """Delete measurements."""
+    """Delete measurements: shows what would go, and deletes only with --yes."""
+    import math
     import time
 
     from .paths import database_path
     from .tune.db import Database
     from .tune.measure import template_hash
 
+    if older_than_days is not None and (not math.isfinite(older_than_days) or older_than_days < 0):
+        _fail(f"--older-than-days takes a number of days, 0 or more, not {older_than_days:g}", 2)
     keep = {"cpu": template_hash("cpu")} if stale else None
     before = time.time() - older_than_days * 86400 if older_than_days is not None else None
-    with Database(database or database_path()) as db:
+    criteria = dict(keep_template_hashes=keep, chip=chip, before=before)
+    with Database(database or database_path(), readonly=not yes) as db:
         try:
-            n = db.prune(keep_template_hashes=keep, chip=chip, before=before)
+            groups = db.prune_preview(**criteria)
         except ValueError as error:
-            _fail(str(error), 2)
+            _fail(f"{error}: --stale, --chip or --older-than-days", 2)
+        total = sum(g["n"] for g in groups)
+        if not total:
+            print("nothing to delete: no measurement matches")
+            return
+        print(f"{'deleting' if yes else 'would delete'} {total} measurement(s):")
+        for g in groups:
+            days = time.strftime("%Y-%m-%d", time.localtime(g["first"]))
+            last = time.strftime("%Y-%m-%d", time.localtime(g["last"]))
+            print(f"  {g['n']:6d}  chip {g['chip']}, {g['backend']}, run {g['run_id'] or '-'}, "
+                  f"taken {days}" + (f" to {last}" if last != days else ""))
+        if not yes:
+            print("nothing deleted (a dry run): pass --yes to delete them")
+            return
+        n = db.prune(**criteria)
     print(f"deleted {n} measurements")
 
 
+@db_app.command("repair")
+def db_repair(database: Optional[Path] = typer.Option(None, "--db")):
+    """Check the database; a damaged one is moved aside (kept, never deleted) as
+    <name>.damaged-<time> and a new one started."""
+    from .paths import database_path
+    from .tune.db import repair
+
+    message, _ = repair(database or database_path())
+    print(message)
+
+
 def main() -> None:
-    app()
+    """The command, whose failures of files and the database end in one line, exit 1."""
+    import sqlite3
+
+    from .tune.db import DatabaseProblem, one_line
+
+    try:
+        app()
+    except (DatabaseProblem, sqlite3.Error, OSError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        sys.exit(1)
 
 
 from .cli_model import register as _register_model_commands  # noqa: E402 — `bench-model`

@@ -28,5 +28,20 @@ def database_path() -> Path:
     return cache_dir() / "tuning.sqlite"
 
 
+def check_writable(path: Path) -> None:
+    """Raises the OSError that writing the file `path` would meet (a read-only folder or
+    file system, a full disk), before the work whose result goes there: makes its folder
+    and a probe file in it, removed at once."""
+    folder = Path(path).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".{Path(path).name}.{os.getpid()}.probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, b"kernelevo")
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
 def shipped_heuristics_dir() -> Path:
     return Path(__file__).resolve().parent / "heuristics"

@@ -19,15 +19,20 @@ Phases, from the quickest evidence to the firmest:
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
 import json
+import os
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Each entry upgrades the schema from version i to i + 1.
 MIGRATIONS: list[str] = [
@@ -232,6 +237,14 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX program_run ON programs (evolve_run, text_hash);
     """,
+    # 5: which process runs a run (so a run whose process died is marked so, and a live one
+    # of another process sharing the file is left alone) and why a run failed
+    """
+    ALTER TABLE runs ADD COLUMN pid INTEGER;
+    ALTER TABLE runs ADD COLUMN host TEXT;
+    ALTER TABLE runs ADD COLUMN process_start TEXT;
+    ALTER TABLE runs ADD COLUMN reason TEXT;
+    """,
 ]
 
 #: measurement phases, weakest evidence first (see the module's docstring)
@@ -315,35 +328,349 @@ class Run:
     status: str
     output: str | None
     summary: str | None = None
+    pid: int | None = None
+    host: str | None = None
+    process_start: str | None = None
+    reason: str | None = None
+
+
+# -- what can be wrong with the file, said in one line -------------------------------------
+class DatabaseProblem(Exception):
+    """The tuning database cannot be used as it is; str() is one line for the user."""
+
+
+class NoDatabase(DatabaseProblem):
+    """A command that only reads found no database."""
+
+
+class DamagedDatabase(DatabaseProblem):
+    """Not an SQLite file, truncated, failing its integrity check, or another program's
+    schema: `kernelevo db repair` moves it aside and starts a new one."""
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what = Path(path), what
+        super().__init__(f"the tuning database {path} is damaged: {what}. `{repair_command(path)}` "
+                         f"moves it aside (nothing is deleted) and starts a new one")
+
+
+def repair_command(path: Path | str) -> str:
+    from ..paths import database_path
+
+    default = Path(path) == database_path()
+    return "kernelevo db repair" + ("" if default else f" --db {path}")
+
+
+class NewerSchema(DatabaseProblem, RuntimeError):
+    """Written by a newer kernelevo."""
+
+
+class ReadOnlyDatabase(DatabaseProblem):
+    pass
+
+
+class DiskFull(DatabaseProblem):
+    pass
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def problem(error: BaseException, path: Path | str | None = None) -> DatabaseProblem:
+    """The one-line account of an sqlite3 error (or OSError) met on the database at `path`."""
+    if isinstance(error, DatabaseProblem):
+        return error
+    where = f"the tuning database {path}" if path else "the tuning database"
+    text = str(error) or type(error).__name__
+    low = text.lower()
+    code = getattr(error, "errno", None)
+    if "readonly" in low or "read-only" in low or code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return ReadOnlyDatabase(f"{where} cannot be written ({text}); check the permissions of "
+                                f"its folder, or point KERNELEVO_CACHE_DIR or --db elsewhere")
+    if "disk is full" in low or code == errno.ENOSPC:
+        return DiskFull(f"{where} cannot grow: the disk is full ({text}); free some space "
+                        f"(or `kernelevo db prune`) and run the same command again to resume")
+    if "unable to open" in low:
+        return ReadOnlyDatabase(f"{where} cannot be opened ({text}): its folder is missing or "
+                                f"not writable; point KERNELEVO_CACHE_DIR or --db elsewhere")
+    if "malformed" in low or "not a database" in low or "corrupt" in low:
+        return DamagedDatabase(Path(path) if path else Path("?"), text)
+    if "locked" in low or "busy" in low:
+        return DatabaseProblem(f"{where} is locked by another process ({text}); try again")
+    return DatabaseProblem(f"{where}: {text}")
+
+
+def one_line(error: BaseException) -> str:
+    """What went wrong, in one line for the user (a database problem, a file that cannot be
+    written, anything else by its type and message)."""
+    if isinstance(error, DatabaseProblem):
+        return str(error)
+    if isinstance(error, sqlite3.Error):
+        return str(problem(error))
+    if isinstance(error, OSError):
+        what = error.strerror or str(error)
+        if error.errno == errno.ENOSPC:
+            what += " (the disk is full)"
+        where = f" {error.filename}" if error.filename else ""
+        return f"cannot write{where}: {what}"
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+@functools.cache
+def expected_schema(version: int) -> dict[str, frozenset[str]]:
+    """{table: columns} of a database built by the migrations up to `version`."""
+    conn = sqlite3.connect(":memory:")
+    for index in range(version):
+        for statement in MIGRATIONS[index].split(";"):
+            if statement.strip():
+                conn.execute(statement)
+    return _schema(conn)
+
+
+def _schema(conn: sqlite3.Connection) -> dict[str, frozenset[str]]:
+    tables = [r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+    return {t: frozenset(r[1] for r in conn.execute(f"PRAGMA table_info(\"{t}\")")) for t in tables}
+
+
+def _check_header(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(100)
+    except IsADirectoryError:
+        raise DatabaseProblem(f"the tuning database {path} is a folder, not a file") from None
+    if not head:
+        return  # empty: SQLite makes a new database in it
+    if not SQLITE_MAGIC.startswith(head[:16]):
+        raise DamagedDatabase(path, "not an SQLite file")
+    if len(head) < 100:
+        raise DamagedDatabase(path, f"truncated ({len(head)} bytes)")
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    size = path.stat().st_size
+    if page < 512 or size % page:
+        raise DamagedDatabase(path, f"truncated ({size} bytes is not a whole number of "
+                                    f"{page}-byte pages)")
+
+
+def open_connection(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    """THE way the database is opened (Database() calls it): the header, SQLite's
+    quick_check and the schema are checked, the schema migrated (unless `readonly`). Raises
+    DatabaseProblem, whose message is one line; nothing is moved or deleted here."""
+    path = Path(path)
+    if readonly:
+        if not path.is_file():
+            raise NoDatabase(f"no tuning database at {path} yet: `kernelevo tune --chip auto` makes one")
+    else:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise problem(error, path) from None
+    try:
+        if path.is_file():
+            _check_header(path)
+        conn = _connect(path, readonly)
+    except OSError as error:
+        raise problem(error, path) from None
+    except sqlite3.Error as error:
+        raise problem(error, path) from None
+    try:
+        _check_contents(conn, path, readonly)
+    except BaseException as error:
+        conn.close()
+        if isinstance(error, sqlite3.Error):
+            raise problem(error, path) from None
+        raise
+    return conn
+
+
+def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
+    if not readonly:
+        conn = sqlite3.connect(str(path), timeout=60.0, isolation_level=None)
+        try:
+            _enable_wal(conn)
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=60000")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+    uri = "file:" + quote(str(path.resolve()))
+    try:
+        conn = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=60.0, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout=60000")
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError as error:
+        if "readonly" not in str(error) and "unable to open" not in str(error):
+            raise
+    # A WAL database in a folder this process cannot write: SQLite cannot make the shared
+    # memory file, so read it as a file that nobody changes (nobody can, here).
+    return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, isolation_level=None)
+
+
+def _enable_wal(conn: sqlite3.Connection, patience_s: float = 60.0) -> None:
+    """Switch the file to write-ahead logging. Changing the journal mode takes an exclusive
+    lock for which SQLite does not wait (no busy handler): when two runs open a new
+    database at once, the one that loses the race retries here."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _check_contents(conn: sqlite3.Connection, path: Path, readonly: bool) -> None:
+    conn.execute("BEGIN")  # one snapshot: a run migrating a new file at once commits all or nothing
+    try:
+        try:
+            verdict = [r[0] for r in conn.execute("PRAGMA quick_check(3)")]
+        except sqlite3.DatabaseError as error:
+            if "locked" in str(error) or "readonly" in str(error) or "unable to open" in str(error):
+                raise
+            raise DamagedDatabase(path, str(error)) from None
+        if verdict != ["ok"]:
+            raise DamagedDatabase(path, "integrity check failed: " + "; ".join(verdict))
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        found = _schema(conn)
+    finally:
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            pass
+    if version > SCHEMA_VERSION:
+        raise NewerSchema(f"{path} has schema version {version}; this kernelevo reads up to "
+                          f"{SCHEMA_VERSION} (upgrade kernelevo)")
+    if version == 0 and found:
+        raise DamagedDatabase(path, "not a kernelevo database (it holds tables "
+                                    f"{', '.join(sorted(found)[:5])} and no schema version)")
+    if version == 0 and readonly:
+        raise NoDatabase(f"the tuning database {path} is empty")
+    _check_schema(found, version, path)
+    if not readonly and version < SCHEMA_VERSION:
+        _migrate(conn)
+        _check_schema(_schema(conn), SCHEMA_VERSION, path)
+
+
+def _check_schema(found: dict[str, frozenset[str]], version: int, path: Path) -> None:
+    for table, columns in expected_schema(version).items():
+        if table not in found:
+            raise DamagedDatabase(path, f"schema version {version} without its table {table} "
+                                        "(another program's file?)")
+        missing = columns - found[table]
+        if missing:
+            raise DamagedDatabase(path, f"table {table} lacks column(s) {', '.join(sorted(missing))}")
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]  # another run may have done it
+        for index in range(version, SCHEMA_VERSION):
+            for statement in MIGRATIONS[index].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={index + 1}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def move_aside(path: Path) -> Path:
+    """Renames a damaged database (and its -wal and -shm files) to
+    <name>.damaged-<timestamp>; returns the new name. Nothing is deleted."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.rename(target.with_name(target.name + suffix))
+    path.rename(target)
+    return target
+
+
+def repair(path: Path) -> tuple[str, Path | None]:
+    """`kernelevo db repair`: a damaged file is moved aside and a new database made in its
+    place. Returns (what was done, where the damaged file went)."""
+    path = Path(path)
+    if not path.exists():
+        Database(path).close()
+        return f"no database at {path}; made a new one", None
+    try:
+        Database(path).close()
+        return f"{path} is sound: nothing to repair", None
+    except DamagedDatabase as damage:
+        what = damage.what
+    try:
+        moved = move_aside(path)
+    except OSError as error:
+        raise problem(error, path) from None
+    Database(path).close()
+    return f"{path} was damaged ({what}): moved to {moved.name}; made a new database", moved
+
+
+# -- which process runs a run ---------------------------------------------------------------
+def _host() -> str:
+    return socket.gethostname()
+
+
+def _process_start(pid: int) -> str | None:
+    """When the process started (Linux: clock ticks after boot), to tell a reused pid from
+    the process that recorded it; None where the system does not say."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def process_alive(pid: int, started: str | None = None) -> bool:
+    """Whether the process of this machine with this pid (and start) still runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process: it exists
+    except OSError:
+        return True  # cannot tell: assume it runs
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        if state in ("Z", "X"):
+            return False  # killed, not yet reaped by its parent
+    except (OSError, IndexError):
+        pass
+    if started is not None:
+        now = _process_start(pid)
+        if now is not None and now != started:
+            return False  # the pid was given to another process since
+    return True
 
 
 class Database:
-    def __init__(self, path: Path | str):
+    """The tuning database. Opened through `open_connection` (checked, migrated); with
+    `readonly`, a missing file is an error, nothing is written and nothing migrated. Errors
+    of writing (read-only file, full disk) come out as DatabaseProblem."""
+
+    def __init__(self, path: Path | str, *, readonly: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None)
+        self.readonly = readonly
+        self._conn = open_connection(self.path, readonly)
         self._conn.row_factory = sqlite3.Row
-        self._enable_wal()
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA busy_timeout=60000")
-        self._migrate()
 
     def close(self) -> None:
         self._conn.close()
-
-    def _enable_wal(self, patience_s: float = 60.0) -> None:
-        """Switch the file to write-ahead logging. Changing the journal mode takes an exclusive
-        lock for which SQLite does not wait (no busy handler): when two runs open a new
-        database at once, the one that loses the race retries here."""
-        deadline = time.monotonic() + patience_s
-        while True:
-            try:
-                self._conn.execute("PRAGMA journal_mode=WAL")
-                return
-            except sqlite3.OperationalError as error:
-                if "locked" not in str(error) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
 
     def __enter__(self) -> Database:
         return self
@@ -363,25 +690,30 @@ class Database:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._conn.execute("BEGIN IMMEDIATE")
+        """A write: an sqlite3 error (read-only file, full disk, ...) comes out as the
+        DatabaseProblem that says it in one line."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as error:
+            raise problem(error, self.path) from error
         try:
             yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
+        except BaseException as error:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite rolled back itself (a full disk does that)
+            if isinstance(error, sqlite3.Error):
+                raise problem(error, self.path) from error
             raise
-        self._conn.execute("COMMIT")
-
-    def _migrate(self) -> None:
-        with self._transaction() as conn:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(f"{self.path} has schema version {version}; this kernelevo "
-                                   f"reads up to {SCHEMA_VERSION} (upgrade kernelevo)")
-            for index in range(version, SCHEMA_VERSION):
-                for statement in MIGRATIONS[index].split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={index + 1}")
+        try:
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as error:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise problem(error, self.path) from error
 
     @property
     def schema_version(self) -> int:
@@ -389,16 +721,51 @@ class Database:
 
     # -- runs --------------------------------------------------------------------------
     def start_run(self, chip: str, backend: str, workload: str, settings: dict) -> int:
+        """A new run of this process; runs left "running" by a process of this machine that
+        died (kill -9, a crash, power) are marked "died" first."""
+        self.mark_dead_runs()
+        pid = os.getpid()
         with self._transaction() as conn:
             cursor = conn.execute(
-                "INSERT INTO runs (started_at, chip, backend, workload, settings) VALUES (?, ?, ?, ?, ?)",
-                (time.time(), chip, backend, workload, json.dumps(settings, sort_keys=True)))
+                "INSERT INTO runs (started_at, chip, backend, workload, settings, pid, host, "
+                "process_start) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), chip, backend, workload, json.dumps(settings, sort_keys=True), pid,
+                 _host(), _process_start(pid)))
             return int(cursor.lastrowid)
 
-    def finish_run(self, run_id: int, status: str, output: str | None) -> None:
+    def finish_run(self, run_id: int, status: str, output: str | None, reason: str | None = None) -> None:
         with self._transaction() as conn:
-            conn.execute("UPDATE runs SET finished_at = ?, status = ?, output = ? WHERE id = ?",
-                         (time.time(), status, output, run_id))
+            conn.execute("UPDATE runs SET finished_at = ?, status = ?, output = ?, reason = ? WHERE id = ?",
+                         (time.time(), status, output, reason, run_id))
+
+    def fail_run(self, run_id: int, reason: str, status: str = "failed") -> bool:
+        """Marks a run failed with its reason, without raising (the run's own error is what
+        the user must see); False when even that could not be written (a full disk: the
+        next run marks it "died")."""
+        try:
+            self.finish_run(run_id, status, None, reason)
+            return True
+        except DatabaseProblem:
+            return False
+
+    def dead(self, run: Run) -> bool:
+        """A run marked "running" whose process, of this machine, is gone."""
+        return (run.status == "running" and run.pid is not None and run.host == _host()
+                and not process_alive(run.pid, run.process_start))
+
+    def mark_dead_runs(self) -> list[int]:
+        """Marks "died" the runs whose process is gone; a run of a live process (another run
+        sharing the file) or of another machine is left alone. Returns their ids."""
+        dead = [r for r in self.runs() if self.dead(r)]
+        if not dead:
+            return []
+        with self._transaction() as conn:
+            for r in dead:
+                conn.execute("UPDATE runs SET status = 'died', finished_at = ?, reason = ? "
+                             "WHERE id = ? AND status = 'running'",
+                             (time.time(), f"its process (pid {r.pid} on {r.host}) ended without "
+                              "finishing (killed?); its measurements are kept", r.id))
+        return [r.id for r in dead]
 
     def runs(self) -> list[Run]:
         rows = self._conn.execute("SELECT * FROM runs ORDER BY id").fetchall()
@@ -451,6 +818,24 @@ class Database:
               chip: str | None = None, before: float | None = None) -> int:
         """Deletes measurements: those of another kernel version than `keep_template_hashes`
         ({backend: hash}), of one chip, or older than a time. Returns how many went."""
+        where, args = self._prune_where(keep_template_hashes, chip, before)
+        with self._transaction() as conn:
+            cursor = conn.execute("DELETE FROM measurements WHERE " + where, args)
+            return cursor.rowcount
+
+    def prune_preview(self, *, keep_template_hashes: dict[str, str] | None = None,
+                      chip: str | None = None, before: float | None = None) -> list[dict]:
+        """What `prune` with these criteria would delete: per chip, backend and run, how many
+        measurements and their dates."""
+        where, args = self._prune_where(keep_template_hashes, chip, before)
+        rows = self._conn.execute(
+            "SELECT chip, backend, run_id, COUNT(*) AS n, MIN(created_at) AS first, "
+            "MAX(created_at) AS last FROM measurements WHERE " + where +
+            " GROUP BY chip, backend, run_id ORDER BY chip, backend, run_id", args).fetchall()
+        return [dict(r) for r in rows]
+
+    @staticmethod
+    def _prune_where(keep_template_hashes, chip, before) -> tuple[str, list]:
         clauses, args = [], []
         if keep_template_hashes:
             parts = []
@@ -466,9 +851,7 @@ class Database:
             args.append(before)
         if not clauses:
             raise ValueError("prune needs a criterion (stale kernels, a chip or a date)")
-        with self._transaction() as conn:
-            cursor = conn.execute("DELETE FROM measurements WHERE " + " AND ".join(clauses), args)
-            return cursor.rowcount
+        return " AND ".join(clauses), args
 
     def export(self) -> dict:
         """Everything, as plain data (for `kernelevo db export`)."""

@@ -36,9 +36,9 @@ from ..config import KernelConfig
 from ..dsl import parse
 from ..dsl.select import CompiledProgram
 from ..families import families_for
-from ..paths import tuned_heuristics_path
+from ..paths import check_writable, tuned_heuristics_path
 from . import DEFAULT_CANDIDATES, distill
-from .db import MLX_BUILTIN, Database, Measurement
+from .db import MLX_BUILTIN, Database, Measurement, one_line
 from .distill import Distilled, Evidence, TunedRule
 from .measure import MeasureSettings, Measurer, geomean, noise_band, shape_json
 from .pool import DEFAULT_COMMAND
@@ -197,7 +197,13 @@ class Tuner:
                     result.skipped.append(reason)
                 continue
             labelled.append((split, shape))
-        self.db.set_run_shapes(run_id, [(s.op, s.key, shape_json(s), s.label, split) for split, s in labelled])
+        try:
+            self.db.set_run_shapes(run_id, [(s.op, s.key, shape_json(s), s.label, split) for split, s in labelled])
+            if write:  # a folder that cannot be written fails now, not after the whole run
+                check_writable(Path(output) if output else tuned_heuristics_path(self.chip.id))
+        except BaseException as error:
+            self.db.fail_run(run_id, one_line(error))
+            raise
         train = [s for split, s in labelled if split == "train"]
         held_out = [s for split, s in labelled if split == "held-out"]
         per_shape = 2 + self.settings.candidates + self.settings.confirm
@@ -220,10 +226,10 @@ class Tuner:
                 result.output = self.write(result, output)
             self.db.finish_run(run_id, "finished", str(result.output) if result.output else None)
         except KeyboardInterrupt:
-            self.db.finish_run(run_id, "interrupted", None)
+            self.db.fail_run(run_id, "interrupted", status="interrupted")
             raise
-        except BaseException:
-            self.db.finish_run(run_id, "failed", None)
+        except BaseException as error:
+            self.db.fail_run(run_id, one_line(error))
             raise
         result.elapsed_s = time.perf_counter() - self._started
         return result
