@@ -14,6 +14,7 @@ import json
 import math
 import random
 import statistics
+import time
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -108,6 +109,7 @@ class Measurer:
         self.shipped = shipped_program(backend, self.chip)
         self.pool: WorkerPool | None = None
         self.measured = self.reused = self.failed = 0
+        self._spent: dict[str, list[float]] = {}  # phase -> [seconds, new measurements]
 
     # -- the worker ------------------------------------------------------------------
     def __enter__(self) -> Measurer:
@@ -170,7 +172,11 @@ class Measurer:
                # waiting for a quiet machine must not look like a hang
                "patience_s": min(self.settings.patience_s, self.settings.job_timeout_s / 4)}
         self.progress(f"{phase} {shape}")
+        started = time.perf_counter()
         outcome = self.pool.run(job)
+        spent = self._spent.setdefault(phase, [0.0, 0])
+        spent[0] += time.perf_counter() - started
+        spent[1] += 1
         self.measured += 1
         load = outcome.get("load") or {}
         row = self.db.record(
@@ -191,6 +197,11 @@ class Measurer:
         if not done.ok:
             self.failed += 1
         return done
+
+    def seconds_per(self, phase: str) -> float | None:
+        """Wall seconds a new measurement of this phase has taken here, on average."""
+        seconds, count = self._spent.get(phase, (0.0, 0))
+        return seconds / count if count else None
 
     def control(self, shape: Shape, reuse: bool = True) -> Measurement:
         """The A/A pair: the shipped choice against itself (verified, as every candidate)."""

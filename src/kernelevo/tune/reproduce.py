@@ -97,21 +97,27 @@ class Reproduction:
 
 
 def reproduce(measurer: Measurer, program: CompiledProgram, shapes: Sequence[tuple[str, Shape]],
-              rounds: int = 2) -> list[Reproduction]:
+              rounds: int = 2, known: Sequence[Reproduction] = ()) -> list[Reproduction]:
     """Every (split, shape) where the program's choice differs from the shipped one, timed
-    against it `rounds` times, each round in a new worker process."""
-    todo: list[Reproduction] = []
+    against it `rounds` times, each round in a new worker process. A pair already re-timed
+    in `known` (an earlier version of the program chose the same there) is not timed again."""
+    earlier = {(k.split, k.shape.key, k.config, k.shipped): k for k in known}
+    out: list[Reproduction] = []
     for split, shape in shapes:
         selection = program.select(shape.op, shape.features())
         chosen, shipped = selection.config.to_dsl(), measurer.shipped_config(shape).to_dsl()
         if chosen != shipped:
-            todo.append(Reproduction(split, shape, selection.rule_number, selection.line, chosen, shipped))
-    for _ in range(rounds):
+            item = Reproduction(split, shape, selection.rule_number, selection.line, chosen, shipped)
+            if (split, shape.key, chosen, shipped) in earlier:
+                item.rows = list(earlier[split, shape.key, chosen, shipped].rows)
+            out.append(item)
+    todo = [item for item in out if not item.rows]
+    for _ in range(rounds if todo else 0):
         measurer.fresh_worker()
         for item in todo:
             item.rows.append(measurer.measure(item.shape, item.config, "reproduce", reuse=False,
                                               baseline=item.shipped))
-    return todo
+    return out
 
 
 @dataclass
