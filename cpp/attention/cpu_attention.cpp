@@ -506,15 +506,14 @@ void decode_range(const AttentionProblem& p, const DecodeParams& dp, int64_t b, 
       float block_max = kNegInf;
       for (int i = 0; i < kLanes; ++i) block_max = std::max(block_max, bm[i]);
       const float m_new = std::max(m[r], block_max);
-      if (m_new == kNegInf) {  // nothing visible yet
-        corr[r] = 1.0f;
-        std::fill(sr, sr + bkp, 0.0f);
-        continue;
-      }
-      corr[r] = std::exp(m[r] - m_new);
+      // Nothing finite visible yet: probabilities exp(score - 0) are 0, or NaN for a NaN
+      // score (the max drops NaN; the sum and the output keep it).
+      const bool dead = m_new == kNegInf;
+      const float m_safe = dead ? 0.0f : m_new;
+      corr[r] = dead ? 1.0f : std::exp(m[r] - m_new);
       vfloat sum = {};
       for (int64_t j = 0; j < n; j += kLanes) {
-        const vfloat e = vexp(load(sr + j) - m_new);
+        const vfloat e = vexp(load(sr + j) - m_safe);
         store(sr + j, e);
         sum += e;
       }
@@ -595,12 +594,14 @@ void decode(const AttentionProblem& p, const DecodeParams& dp) {
       float* orow = o + r * Dvp;
       std::fill(orow, orow + p.v_dim, 0.0f);
       l[r] = 0.0f;
-      if (big == kNegInf) continue;  // fully masked
+      // A chunk that saw no finite score has l == 0 (skipped), or l NaN (kept: weight
+      // exp(-inf - big) is 0, and 0 * NaN keeps the NaN).
+      const float big_safe = big == kNegInf ? 0.0f : big;
       for (int64_t c = 0; c < blocks; ++c) {
         const float* part = parts.data() + (unit * blocks + c) * part_stride;
         const float mc = part[R * Dvp + r];
-        if (mc == kNegInf) continue;
-        const float w = std::exp(mc - big);
+        if (part[R * Dvp + R + r] == 0.0f) continue;
+        const float w = std::exp(mc - big_safe);
         l[r] += part[R * Dvp + R + r] * w;
         for (int64_t d = 0; d < p.v_dim; ++d) orow[d] += part[r * Dvp + d] * w;
       }

@@ -94,13 +94,14 @@ void mean_of_values(const AttentionProblem& p, int64_t b, int64_t kvh, float* ds
   for (int64_t d = 0; d < p.v_dim; ++d) dst[d] *= inv;
 }
 
-// Writes one output row: o[d * stride] / l, or the fully masked row's value when l == 0.
+// Writes one output row: o[d * stride] / l, or `dead_row` when l == 0 (the row saw no
+// finite score). A NaN score makes l NaN, and then the whole row NaN, as in MLX's softmax.
 template <typename T>
 void write_row(const AttentionProblem& p, int64_t b, int64_t head, int64_t pos,
-               const float* o, int64_t stride, float l, const float* masked_row) {
+               const float* o, int64_t stride, float l, const float* dead_row) {
   T* dst = static_cast<T*>(p.out) + ((b * p.heads + head) * p.q_len + pos) * p.v_dim;
-  if (!(l > 0.0f)) {
-    store_scaled(masked_row, p.v_dim, 1.0f, dst);
+  if (l == 0.0f) {
+    store_scaled(dead_row, p.v_dim, 1.0f, dst);
     return;
   }
   if (stride != 1) {  // a column of a transposed accumulator: gather it first
@@ -113,20 +114,30 @@ void write_row(const AttentionProblem& p, int64_t b, int64_t head, int64_t pos,
 }
 
 // Finishes rows [0, rows.count) of a task from its accumulators: row r's value d at
-// o[r * row_stride + d * col_stride].
+// o[r * row_stride + d * col_stride]. A row that saw no finite score (l == 0) outputs what
+// MLX's softmax gives it: the mean of v when its boolean, causal or window mask hides every
+// key (MLX masks with the type's lowest finite value: all scores tie), NaN when it sees
+// keys whose scores are all -inf (an additive -inf mask: exp(-inf - -inf) is NaN).
 template <typename T>
 void write_rows(const AttentionProblem& p, int64_t b, int64_t kvh, const Rows& rows,
                 const float* o, int64_t row_stride, int64_t col_stride, const float* l) {
-  thread_local std::vector<float> masked_row;
+  thread_local std::vector<float> masked_row, nan_row;
   bool have_masked = false;
   for (int64_t r = 0; r < rows.count; ++r) {
-    if (!(l[r] > 0.0f) && !have_masked) {
-      masked_row.resize(p.v_dim);
-      mean_of_values<T>(p, b, kvh, masked_row.data());
-      have_masked = true;
+    const float* dead_row = masked_row.data();
+    if (l[r] == 0.0f) {
+      if (p.mask != MaskKind::boolean && rows.lo[r] < rows.hi[r]) {
+        nan_row.assign(p.v_dim, std::numeric_limits<float>::quiet_NaN());
+        dead_row = nan_row.data();
+      } else if (!have_masked) {
+        masked_row.resize(p.v_dim);
+        mean_of_values<T>(p, b, kvh, masked_row.data());
+        have_masked = true;
+        dead_row = masked_row.data();
+      }
     }
     write_row<T>(p, b, rows.head[r], rows.pos[r], o + r * row_stride, col_stride, l[r],
-                 masked_row.data());
+                 dead_row);
   }
 }
 
@@ -167,7 +178,8 @@ inline vint iota() {
 // One online-softmax step for 16 query rows (lanes) over n scores each, s[j * ld] for
 // key j: updates m and l, turns the scores into probabilities and returns the factor
 // the rows' output accumulators must be multiplied by. Rows that have seen no finite
-// score yet keep m = -inf, l = 0 and get probabilities 0.
+// score yet keep m = -inf, l = 0 and get probabilities 0. The max may drop a NaN score,
+// but exp(NaN - m) is NaN: it reaches l (and the output), which then stays NaN.
 inline vfloat softmax_step(float* s, int64_t ld, int64_t n, vfloat& m, vfloat& l) {
   vfloat block_max = splat(kNegInf);
   for (int64_t j = 0; j < n; ++j) block_max = vmax(block_max, load(s + j * ld));

@@ -188,8 +188,9 @@ inline vfloat select(vint mask, vfloat a, vfloat b) {
 }
 
 // exp(x) to within ~2 ulp for x in f32's range: 2^n * p(f) after Cody-Waite reduction.
-// exp(-inf) and anything below the smallest normal give 0; +inf is not expected (scores
-// are finite or -inf).
+// exp(-inf) and anything below the smallest normal give 0; NaN gives NaN (the clamps are
+// comparisons that keep x when it is NaN); +inf is not expected (scores minus their max
+// are at most 0, or NaN).
 inline vfloat vexp(vfloat x) {
   const vfloat lo = splat(-87.33654f), hi = splat(88.0f);
   const vint underflow = x < lo;
@@ -224,12 +225,13 @@ inline vfloat vexp(vfloat x) {
 
 // exp(x) to about 4e-5 relative (enough for probabilities rounded to bf16): 2^n * p(f)
 // with a degree-4 polynomial on |f| <= 1/2. exp(-inf) is 0: inputs are clamped at -200,
-// whose 2^n underflows to 0.
+// whose 2^n underflows to 0. NaN stays NaN (MAXPS returns its second operand, x, when
+// either is NaN).
 inline vfloat vexp_bf16(vfloat x) {
 #if defined(__AVX512F__)
   __m512 v;
   std::memcpy(&v, &x, sizeof(v));
-  v = _mm512_mul_ps(_mm512_max_ps(v, _mm512_set1_ps(-200.0f)), _mm512_set1_ps(1.44269504f));
+  v = _mm512_mul_ps(_mm512_max_ps(_mm512_set1_ps(-200.0f), v), _mm512_set1_ps(1.44269504f));
   const __m512 n = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(v, n);
   __m512 p = _mm512_set1_ps(9.6181291e-3f);

@@ -8,6 +8,8 @@ builds without a configuration.
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 
 from .. import chips
@@ -44,7 +46,16 @@ def _select(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, mask, softca
 ext.set_attention_selector(_select)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float,
+def default_scale(q: mx.array, scale: float | None) -> float:
+    """`scale`, or 1/sqrt(D) for q's head dimension D when it is None."""
+    if scale is not None:
+        return scale
+    if q.ndim == 0 or q.shape[-1] == 0:
+        raise ValueError("attention: the default scale 1/sqrt(head_dim) needs a head dimension > 0")
+    return 1.0 / math.sqrt(q.shape[-1])
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float | None = None,
               mask: str | mx.array | None = None, softcap: float | None = None,
               window: int | None = None, config: KernelConfig | str | None = None,
               stream=None) -> mx.array:
@@ -56,17 +67,22 @@ def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float,
     with the last key) or an array broadcastable to [B, Hq, Lq, Lkv]: boolean (False
     excludes a key) or additive (added to the scaled scores; its type must promote to the
     inputs'). The result has the promoted type of q, k and v (f32, f16 or bf16); the
-    softmax runs in f32.
+    softmax runs in f32. scale multiplies the scores; it defaults to 1/sqrt(D), D being
+    q's last dimension (mx.fast.scaled_dot_product_attention takes it explicitly).
 
     softcap caps the scores before the mask: softcap * tanh(scores / softcap). window
     lets a query see only the last `window` keys at or before its aligned position (so it
-    implies causality). A row that sees no key with a finite score outputs the mean of v
-    over all keys, which is what MLX outputs for a row its boolean mask masks fully.
+    implies causality). A row its boolean, causal or window mask hides fully outputs the
+    mean of v over all keys, which is what MLX outputs for a row its boolean mask masks
+    fully; a row whose visible keys all score -inf (an additive -inf mask) is NaN, as in
+    MLX. NaN and Inf propagate as in MLX's op: a NaN in q, in a visible key or in the
+    row's additive mask makes the row NaN, a key scoring +inf makes it NaN too.
 
     `config` forces one kernel configuration (a KernelConfig or its DSL form, e.g.
     "flash bq=64 bk=96 threads=2 pack_gqa=yes skip_masked_blocks=yes scale_at=q dot=fma"); by default
     the heuristics in force for this chip choose.
     """
+    scale = default_scale(q, scale)
     if stream_backend(stream) in gpu.GPU_BACKENDS:
         return gpu.attention(q, k, v, scale=scale, mask=mask, softcap=softcap, window=window,
                              config=config, stream=stream)
@@ -78,11 +94,12 @@ def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float,
 
 
 def attention_launcher(q: mx.array, k: mx.array, v: mx.array, config: KernelConfig | str, *,
-                       scale: float, mask: str | mx.array | None = None,
+                       scale: float | None = None, mask: str | mx.array | None = None,
                        softcap: float | None = None, window: int | None = None, stream=None):
     """A function that builds `attention(q, k, v, ..., config=config)` with the checks done
     once up front, so that timing loops measure the kernel rather than Python. It takes an
     optional replacement for `q` of the same shape and type (see matmul_launcher)."""
+    scale = default_scale(q, scale)
     backend = stream_backend(stream)
     if backend in gpu.GPU_BACKENDS:
         cfg = as_config(config, "attention", gpu.require_gpu("attention"))
