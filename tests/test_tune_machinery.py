@@ -249,7 +249,7 @@ def test_workloads_from_a_model_config_and_a_shapes_file(tmp_path):
     shapes.write_text(json.dumps([{"op": "matmul", "M": 5, "N": 7, "K": 9, "dtype": "f16"}]))
     assert from_shapes_file(shapes).shapes == (MatmulShape(5, 7, 9, "f16"),)
     shapes.write_text(json.dumps([{"op": "matmul", "M": 5, "N": 7, "K": 9, "dtype": "f64"}]))
-    with pytest.raises(ValueError, match="shape 1: unsupported dtype 'f64'"):
+    with pytest.raises(ValueError, match="entry 1: unsupported dtype 'f64'"):
         from_shapes_file(shapes)
     with pytest.raises(ValueError, match="none of hidden_size"):
         architecture_from_config({"num_attention_heads": 8})

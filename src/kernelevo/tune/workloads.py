@@ -15,10 +15,95 @@ and other token counts, so a rule that only memorised the training shapes shows 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..features import DTYPES, attention_features, matmul_features
+
+#: The largest size any one dimension may have (M, N, K, batch, heads, lengths, head_dim,
+#: window): 2^20 = 1,048,576, above every model dimension, vocabulary and context length in
+#: use, and far below what would overflow anything.
+MAX_DIM = 1 << 20
+#: The most elements one operand may hold: the tuner allocates every operand of a shape and
+#: times it, and 2^31 elements (8 GiB of f32) is more than any machine it runs on should be
+#: asked to hold for one operand.
+MAX_ELEMENTS = 1 << 31
+
+_MAX_DIM_WHY = (f"at most {MAX_DIM} (2^20: above any model dimension, vocabulary or context "
+                f"length; the tuner allocates every operand)")
+
+
+def _shown(value, *, say_string: bool = True) -> str:
+    """A value as the JSON it came from, cut short (strings marked as such where a number
+    was wanted)."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return text + " (a string)" if isinstance(value, str) and say_string else text
+
+
+def _positive_int(name: str, value, *, zero: bool = False) -> int:
+    """An integer field: 1..MAX_DIM (0..MAX_DIM with `zero`); bools, floats and strings
+    are refused, not converted."""
+    least = 0 if zero else 1
+    kind = "a non-negative integer" if zero else "a positive integer"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be {kind}, got {_shown(value)}")
+    if value < least:
+        raise ValueError(f"{name} must be {kind}, got {value}")
+    if value > MAX_DIM:
+        raise ValueError(f"{name} must be {_MAX_DIM_WHY}, got {value}")
+    return value
+
+
+def _elements(what: str, *dims: int) -> None:
+    n = 1
+    for d in dims:
+        n *= d
+    if n > MAX_ELEMENTS:
+        raise ValueError(f"{what} would hold {n} elements, more than 2^31 ({MAX_ELEMENTS}; 8 GiB of "
+                         f"f32): the tuner allocates every operand, and no call this large is tuned")
+
+
+def _dtype(value) -> str:
+    if not isinstance(value, str) or value not in DTYPES:
+        shown = repr(value) if isinstance(value, str) and len(value) < 40 else _shown(value)
+        raise ValueError(f"unsupported dtype {shown}; expected one of {', '.join(DTYPES)}")
+    return value
+
+
+def check_shape(shape: "Shape") -> None:
+    """Raises ValueError naming the field where a shape means nothing: a size that is not a
+    positive integer (at most MAX_DIM), an operand of more than MAX_ELEMENTS elements, an
+    unknown dtype or mask, heads not a multiple of kv_heads."""
+    if isinstance(shape, MatmulShape):
+        M, N, K, batch = (_positive_int(n, getattr(shape, n)) for n in ("M", "N", "K", "batch"))
+        _dtype(shape.dtype)
+        if not isinstance(shape.transpose_b, bool):
+            raise ValueError(f"transpose_b must be true or false, got {_shown(shape.transpose_b)}")
+        _elements("operand a (batch x M x K)", batch, M, K)
+        _elements("operand b (batch x K x N)", batch, K, N)
+        _elements("the product (batch x M x N)", batch, M, N)
+        return
+    batch, heads, kv_heads, q_len, kv_len, head_dim = (
+        _positive_int(n, getattr(shape, n)) for n in ("batch", "heads", "kv_heads", "q_len", "kv_len", "head_dim"))
+    _positive_int("window", shape.window, zero=True)
+    _dtype(shape.dtype)
+    if not isinstance(shape.mask, str) or shape.mask not in ("none", "causal"):
+        raise ValueError(f"mask must be \"none\" or \"causal\" (the masks the tuner times), got "
+                         f"{_shown(shape.mask, say_string=False)}")
+    softcap = shape.softcap
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (
+            math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be a finite number >= 0 (0: off), got {_shown(softcap)}")
+    if heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    _elements("q (batch x heads x q_len x head_dim)", batch, heads, q_len, head_dim)
+    _elements("k and v (batch x kv_heads x kv_len x head_dim)", batch, kv_heads, kv_len, head_dim)
+    _elements("the scores (batch x heads x q_len x kv_len)", batch, heads, q_len, kv_len)
 
 
 @dataclass(frozen=True)
@@ -260,70 +345,177 @@ PRESETS: dict[str, Workload] = {
 }
 PRESETS = {name: replace(w, source=f"--workload {name}") for name, w in PRESETS.items()}
 DEFAULT_WORKLOAD = "qwen3-0.6b"
+#: One line per preset, for `kernelevo tune --help`
+PRESET_SUMMARIES: dict[str, str] = {
+    "qwen3-0.6b": "the default: Qwen3-0.6B's layers and attention, bf16+f32 (~12 min, 2 cores)",
+    "llama-3-8b": "Llama-3-8B's layers at 1/8/64 tokens, prefill, decode at 2k/8k; bf16",
+    "mistral-7b": "Mistral-7B (sliding window 4096), the same token counts; bf16",
+    "gemma-2-2b": "Gemma-2-2B (head_dim 256, softcap 50, window 4096); bf16",
+    "tiny": "three small matmuls: a quick check of the machinery, not a tuning",
+}
+assert set(PRESET_SUMMARIES) == set(PRESETS)
+
+
+def _config_int(cfg: dict, where: str, key: str, *, zero: bool = False) -> int:
+    return _positive_int(f"{where}{key}", cfg[key], zero=zero)
+
+
+def _kind(value) -> str:
+    """What a JSON value is, in words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"the number {_shown(value)}"
+    if isinstance(value, str):
+        return f"the string {_shown(value, say_string=False)}"
+    return "a list" if isinstance(value, list) else "an object"
 
 
 def architecture_from_config(config: dict, name: str = "model") -> Architecture:
-    """Reads a Hugging Face / mlx-lm config.json (also nested `text_config`s)."""
-    cfg = config.get("text_config", config)
+    """Reads a Hugging Face / mlx-lm config.json (also nested `text_config`s). Raises
+    ValueError naming the key where the config is not one of a transformer."""
+    if not isinstance(config, dict):
+        raise ValueError(f"must be a JSON object (a model's config.json), got {_kind(config)}")
+    where = ""
+    cfg = config
+    if config.get("text_config") is not None:
+        cfg, where = config["text_config"], "text_config."
+        if not isinstance(cfg, dict):
+            raise ValueError(f"text_config must be a JSON object, got {_kind(cfg)}")
 
-    def need(*keys):
+    def need(*keys, zero: bool = False) -> int:
         for key in keys:
             if cfg.get(key) is not None:
-                return cfg[key]
-        raise ValueError(f"the config has none of {', '.join(keys)}")
+                return _config_int(cfg, where, key, zero=zero)
+        raise ValueError(f"the config has none of {', '.join(where + k for k in keys)}")
 
-    hidden = int(need("hidden_size", "d_model", "n_embd", "dim"))
-    heads = int(need("num_attention_heads", "n_heads", "n_head", "num_heads"))
-    kv_heads = int(cfg.get("num_key_value_heads") or cfg.get("n_kv_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
-    intermediate = int(need("intermediate_size", "ffn_dim", "n_inner", "hidden_dim"))
-    softcap = float(cfg.get("attn_logit_softcapping") or 0.0)
-    window = int(cfg.get("sliding_window") or 0) if cfg.get("use_sliding_window", True) else 0
+    def optional(key: str, default: int, *, zero: bool = False) -> int:
+        if cfg.get(key) is None:
+            return default
+        return _config_int(cfg, where, key, zero=zero)
+
+    hidden = need("hidden_size", "d_model", "n_embd", "dim")
+    heads = need("num_attention_heads", "n_heads", "n_head", "num_heads")
+    kv_key = next((k for k in ("num_key_value_heads", "n_kv_heads") if cfg.get(k) is not None), None)
+    kv_heads = _config_int(cfg, where, kv_key) if kv_key else heads
+    if cfg.get("head_dim") is not None:
+        head_dim = _config_int(cfg, where, "head_dim")
+    elif hidden % heads:
+        raise ValueError(f"{where}hidden_size {hidden} is not a multiple of {where}num_attention_heads "
+                         f"{heads}, and there is no {where}head_dim")
+    else:
+        head_dim = hidden // heads
+    intermediate = need("intermediate_size", "ffn_dim", "n_inner", "hidden_dim")
+    softcap = cfg.get("attn_logit_softcapping")
+    if softcap is None:
+        softcap = 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (
+            math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"{where}attn_logit_softcapping must be a finite number >= 0, got {_shown(softcap)}")
+    use_window = cfg.get("use_sliding_window", True)
+    if use_window is not None and not isinstance(use_window, bool):
+        raise ValueError(f"{where}use_sliding_window must be true or false, got {_shown(use_window)}")
+    window = optional("sliding_window", 0, zero=True) if use_window is not False else 0
     if heads % kv_heads:
-        raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-    return Architecture(str(cfg.get("model_type") or name), hidden, intermediate, heads, kv_heads,
-                        head_dim, softcap, window)
+        raise ValueError(f"{where}num_attention_heads {heads} is not a multiple of "
+                         f"{where}num_key_value_heads {kv_heads}")
+    model_type = cfg.get("model_type")
+    label = model_type if isinstance(model_type, str) and model_type.strip() else name
+    return Architecture(label.strip()[:60] or "model", hidden, intermediate, heads, kv_heads,
+                        head_dim, float(softcap), window)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"cannot read {path}: not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON: {err}") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not JSON this reader accepts: nested too deeply") from None
 
 
 def from_config(path: Path | str) -> Workload:
     """The workload of a model from its config.json."""
     path = Path(path)
+    config = _read_json(path)
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {path}: {err}") from err
-    arch = architecture_from_config(config, path.parent.name or "model")
-    return replace(model_workload(arch, tokens=(1, 16, 128), prefill=(512,), contexts=(1024, 4096),
+        arch = architecture_from_config(config, path.parent.name or "model")
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    workload = replace(model_workload(arch, tokens=(1, 16, 128), prefill=(512,), contexts=(1024, 4096),
                           description=f"{path}: {arch.name} (hidden {arch.hidden}, {arch.heads}/"
                                       f"{arch.kv_heads} heads of {arch.head_dim}, MLP {arch.intermediate}); "
                                       f"held out: {', '.join(map(str, HELD_OUT_TOKENS))} tokens, decode "
                                       f"at 2k and 8k"), source=f"--model {path}")
+    for shape in workload.shapes + workload.held_out:
+        try:
+            check_shape(shape)
+        except ValueError as error:
+            raise ValueError(f"{path}: the model's {shape.label or shape.op}: {error}") from None
+    return workload
+
+
+#: The fields of each op's entries in a shapes file, and their defaults (None: required)
+SHAPE_FIELDS: dict[str, dict[str, object]] = {
+    "matmul": {"M": None, "N": None, "K": None, "dtype": "bf16", "batch": 1, "transpose_b": True},
+    "attention": {"batch": 1, "heads": None, "kv_heads": None, "q_len": None, "kv_len": None,
+                  "head_dim": None, "dtype": "bf16", "mask": "none", "softcap": 0.0, "window": 0},
+}
+
+
+def shape_from_entry(entry) -> tuple[str, Shape]:
+    """(split, shape) of one entry of a shapes file; ValueError naming the field otherwise."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"must be a JSON object such as {{\"op\": \"matmul\", \"M\": 16, \"N\": 4096, "
+                         f"\"K\": 4096}}, got {_kind(entry)}")
+    entry = dict(entry)
+    op = entry.pop("op", "matmul")
+    if op not in SHAPE_FIELDS:
+        raise ValueError(f"op must be \"matmul\" or \"attention\", got {_shown(op, say_string=False)}")
+    split = entry.pop("split", "train")
+    if split not in ("train", "held-out"):
+        raise ValueError(f"split must be \"train\" or \"held-out\", got {_shown(split, say_string=False)}")
+    label = entry.pop("label", "")
+    if not isinstance(label, str):
+        raise ValueError(f"label must be a string, got {_shown(label)}")
+    fields = SHAPE_FIELDS[op]
+    unknown = [k for k in entry if k not in fields]
+    if unknown:
+        raise ValueError(f"unknown field {_shown(unknown[0], say_string=False)} for {op}; {op} entries take "
+                         f"{', '.join(fields)} (and op, split, label)")
+    missing = [k for k, default in fields.items() if default is None and k not in entry]
+    if missing:
+        raise ValueError(f"{op} entries need {', '.join(missing)}")
+    values = {k: entry.get(k, default) for k, default in fields.items()}
+    shape = (MatmulShape if op == "matmul" else AttentionShape)(**values, label=label)
+    check_shape(shape)
+    return split, shape
 
 
 def from_shapes_file(path: Path | str) -> Workload:
     """Explicit shapes, as JSON: a list of objects, each {"op": "matmul", "M":, "N":, "K":,
     "dtype":, "batch":, "transpose_b":} or {"op": "attention", "batch":, "heads":,
     "kv_heads":, "q_len":, "kv_len":, "head_dim":, "dtype":, "mask":, "softcap":, "window":},
-    with "split": "held-out" on the shapes to judge on rather than fit to."""
+    with "split": "held-out" on the shapes to judge on rather than fit to. Defaults: op
+    matmul, dtype bf16, batch 1, transpose_b true (b stored [N, K], as a linear layer's
+    weight), mask none, softcap 0, window 0; every other field is required."""
     path = Path(path)
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {path}: {err}") from err
+    entries = _read_json(path)
     if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{path} must hold a non-empty JSON list of shapes")
+        raise ValueError(f"{path} must hold a non-empty JSON list of shapes, e.g. "
+                         f"[{{\"op\": \"matmul\", \"M\": 16, \"N\": 4096, \"K\": 4096}}]")
     splits: dict[str, list[Shape]] = {"train": [], "held-out": []}
     for i, entry in enumerate(entries):
-        entry = dict(entry)
-        op = entry.pop("op", "matmul")
-        split = entry.pop("split", "train")
-        if split not in splits:
-            raise ValueError(f"{path}: shape {i + 1}: split must be train or held-out, not {split!r}")
         try:
-            shape = MatmulShape(**entry) if op == "matmul" else AttentionShape(**entry)
-            shape.features()  # validates
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{path}: shape {i + 1}: {err}") from err
+            split, shape = shape_from_entry(entry)
+        except ValueError as err:
+            raise ValueError(f"{path} entry {i + 1}: {err}") from None
         splits[split].append(shape)
     if not splits["train"]:
         raise ValueError(f"{path} has no training shapes (entries without \"split\": \"held-out\")")
