@@ -23,12 +23,38 @@ from kernelevo.chips import apple_from_device_info, cpu_from_facts, nvidia_from_
     ("applegpu_g16s", "Apple M4 Pro", "apple-m4-pro", 20),
     ("applegpu_g16c", "Apple M4 Max", "apple-m4-max", 40),
     ("applegpu_g16p", "Apple M4 Pro", "apple-m4-pro", 20),  # class letter says phone; name decides
+    ("applegpu_g17g", "Apple M5", "apple-m5", 10),
 ])
 def test_apple_chips(arch, name, expected, cores):
     chip = apple_from_device_info(arch, name, memory_size=64 * 10**9)
     assert chip.id == expected and chip.backend == "metal" and chip.known
     assert chip.cores == cores and chip.threadgroup_memory == 32768 and chip.simd_width == 32
     assert chip.bandwidth_gbs > 0 and chip.memory_gb == 64.0
+
+
+@pytest.mark.parametrize("arch,nax", [
+    # MLX's metal::is_nax_available(): gen >= (arch == 'p' ? 18 : 17), gen the two digits
+    # before the class letter
+    ("applegpu_g13g", False), ("applegpu_g16s", False), ("applegpu_g16c", False), ("applegpu_g16d", False),
+    ("applegpu_g17g", True), ("applegpu_g17s", True), ("applegpu_g17c", True), ("applegpu_g17d", True),
+    ("applegpu_g17p", False), ("applegpu_g18p", True), ("applegpu_g19s", True), ("", False), ("g", False),
+])
+def test_mlx_uses_nax_from_generation_17(arch, nax):
+    assert chips.mlx_uses_nax(arch) is nax
+    chip = apple_from_device_info(arch, "Apple")
+    assert chip.has_nax == int(nax) and chips.fact(chip, "nax") == int(nax)
+
+
+def test_generation_17_is_its_own_class():
+    """M5 (applegpu_g17*) gets its own ids, known, with the nax fact set; M1-M4 and other
+    backends never have it."""
+    for letter, expected in [("g", "apple-m5"), ("s", "apple-m5-pro"), ("c", "apple-m5-max"), ("d", "apple-m5-ultra")]:
+        chip = apple_from_device_info(f"applegpu_g17{letter}", "")
+        assert chip.id == expected and chip.known and chip.generation == 5 and chip.has_nax == 1
+        assert chips.from_id(expected).has_nax == 1
+    assert all(chips.from_id(i).has_nax == 0 for i in chips.APPLE_TABLE if not i.startswith("apple-m5"))
+    assert chips.detect("cpu").has_nax == 0 and chips.from_id("nvidia-h100").has_nax == 0
+    assert "nax" in chips.FACT_NAMES
 
 
 def test_unknown_apple_gpu_is_flagged():

@@ -7,6 +7,8 @@ to by id or glob, tuned heuristics are stored per id, and the DSL reads the fact
 
 Apple and NVIDIA chips cannot be detected on a CPU-only machine, so their rules are
 plain functions of what MLX reports (`mx.device_info()`), testable with injected values.
+Apple GPU generation 17 and later (M5, `applegpu_g17*`) is a class of its own: MLX runs its
+NAX kernels there (`mlx_uses_nax`, the `chip.nax` fact), which the M1-M4 rules do not describe.
 """
 
 from __future__ import annotations
@@ -54,6 +56,12 @@ class Chip:
         """1 when the CPU has AVX512-BF16 (what the gemm family's `bf16dot` engine needs)."""
         return int(self.backend == "cpu" and "avx512_bf16" in self.isa)
 
+    @property
+    def has_nax(self) -> int:
+        """1 on an Apple GPU for which MLX (>= 0.31) runs its NAX kernels (generation 17 and
+        later: M5): see `mlx_uses_nax`."""
+        return int(self.backend == "metal" and bool(self.isa) and mlx_uses_nax(self.isa[0]))
+
 
 @dataclass(frozen=True)
 class Fact:
@@ -76,6 +84,8 @@ FACTS: tuple[Fact, ...] = (
          "compute capability times ten (90 for Hopper); CPU: 0"),
     Fact("amx", "has_amx", "CPU: 1 with AMX-BF16 tile units (gemm engine=amx, flash dot=amx), else 0"),
     Fact("bf16dot", "has_bf16dot", "CPU: 1 with AVX512-BF16 dot products, else 0"),
+    Fact("nax", "has_nax", "Apple: 1 on GPU generation 17 and later (M5), where MLX runs its NAX "
+         "kernels for GEMM and prefill attention (macOS 26.2+), else 0"),
 )
 FACT_NAMES: tuple[str, ...] = tuple(f.name for f in FACTS)
 
@@ -190,7 +200,7 @@ def detect_cpu() -> Chip:
 # Apple silicon (Metal)
 
 #: MLX reports the GPU as e.g. `applegpu_g15s`: generation, then a device-class letter.
-APPLE_GENERATIONS = {"g13": "m1", "g14": "m2", "g15": "m3", "g16": "m4"}
+APPLE_GENERATIONS = {"g13": "m1", "g14": "m2", "g15": "m3", "g16": "m4", "g17": "m5"}
 APPLE_CLASSES = {"g": "", "p": "", "s": "pro", "c": "max", "d": "ultra"}
 
 # (GPU cores of the full configuration, nominal bandwidth GB/s, nominal f32 GFLOP/s)
@@ -203,7 +213,32 @@ APPLE_TABLE: dict[str, tuple[int, float, float]] = {
     "apple-m3-max": (40, 400, 16400), "apple-m3-ultra": (80, 819, 32800),
     "apple-m4": (10, 120, 4300), "apple-m4-pro": (20, 273, 8700),
     "apple-m4-max": (40, 546, 17400),
+    "apple-m5": (10, 153, 0.0),  # f32 peak not known here
 }
+
+
+def mlx_uses_nax(architecture: str) -> bool:
+    """Whether MLX runs its NAX kernels (GEMM, split-K GEMM and prefill attention on the GPU's
+    neural accelerators) on the Apple GPU of this architecture string — the class of chip
+    generation 17 (M5) begins, which the M1-M4 rules do not describe.
+
+    MLX 0.32.1, mlx/backend/metal/device.cpp, `metal::is_nax_available()`:
+        auto arch = d.get_architecture().back();
+        auto gen = d.get_architecture_gen();
+        can_use_nax &= gen >= (arch == 'p' ? 18 : 17);
+    where `Device::Device()` reads gen as the two digits before the class letter
+    (`arch_[arch_.size() - 3]`, `arch_[arch_.size() - 2]`: applegpu_g17s gives 17). The same
+    function also needs macOS 26.2 (`__builtin_available(macOS 26.2, ...)`) and a build without
+    MLX_METAL_NO_NAX, which the architecture does not tell: on an older macOS MLX runs its steel
+    kernels on these chips, and the shipped files send every call to MLX either way. matmul.cpp
+    (`use_nax`) and scaled_dot_product_attention.cpp then take the NAX path for non-complex
+    dtypes (f32 only with TF32 allowed, MLX's default) and heads other than 72 and 80 wide.
+    """
+    arch = architecture.strip()
+    if len(arch) < 3 or not arch[-3:-1].isdigit():
+        return False
+    gen = int(arch[-3:-1])
+    return gen >= (18 if arch[-1] == "p" else 17)
 
 
 def apple_from_device_info(architecture: str, device_name: str = "",
@@ -228,7 +263,9 @@ def apple_from_device_info(architecture: str, device_name: str = "",
     return Chip(id=chip_id, backend="metal", name=device_name or chip_id, vendor="apple",
                 cores=cores, memory_gb=round(memory_size / 1e9, 1), bandwidth_gbs=bandwidth,
                 simd_width=32, threadgroup_memory=32768, max_threads=1024,
-                peak_f32_gflops=gflops, generation=int(generation[1:]), isa=(architecture,))
+                peak_f32_gflops=gflops, generation=int(generation[1:]), isa=(architecture,),
+                notes=() if chip_id in APPLE_TABLE else
+                (f"no fact table entry for {chip_id}: 8 GPU cores assumed, bandwidth and peak unknown",))
 
 
 # --------------------------------------------------------------------------------------

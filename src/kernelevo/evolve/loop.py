@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..dsl import ast, format_program, parse
 from ..dsl.select import CompiledProgram
+from ..heuristics import seed_source
 from ..paths import tuned_heuristics_path
 from ..tune.db import Database
 from ..tune.distill import HELD_OUT_TOLERANCE
@@ -104,6 +105,11 @@ class Evolution:
         self.rng = random.Random(settings.seed)
         self.measurer = Measurer(backend, db, MeasureSettings(reps=settings.reps), worker_command)
         self.chip = self.measurer.chip
+        # On a Mac the shipped program is MLX's own op everywhere: the population also starts
+        # from the seed (MLX's choices restated with kernelevo's kernels); scores stay over the shipped.
+        seed = seed_source(backend, self.chip)
+        if seed.origin == "seed":
+            self.seeds.append((f"seed {seed.path.name}", seed.path.read_text(encoding="utf-8")))
         self.train = [s for s in workload.shapes if self.measurer.shipped.has(s.op)]
         self.held_out = [s for s in workload.held_out if self.measurer.shipped.has(s.op)]
         self.fitness = Fitness(self.measurer, self.train, self.held_out, live=not settings.replay,

@@ -21,7 +21,7 @@ from ..paths import shipped_heuristics_dir, tuned_heuristics_path
 @dataclass(frozen=True)
 class Source:
     path: Path
-    origin: str  # tuned | shipped | generic | file
+    origin: str  # tuned | shipped | generic | file | seed
     reason: str
 
 
@@ -71,6 +71,32 @@ def find_source(backend: str, chip: Chip, include_tuned: bool = True) -> Source:
     if pattern == "*":
         return Source(path, "generic", f"no heuristics name {chip.id}; generic {backend} rules")
     return Source(path, "shipped", f"shipped for chips matching {pattern}")
+
+
+def seed_source(backend: str, chip: Chip) -> Source:
+    """The program `kernelevo tune` and `kernelevo evolve` start their search from.
+
+    On a Mac the shipped apple-*.kevo send every call to MLX (kernelevo's Metal kernels are
+    untimed there); the seeds/ folder beside them keeps MLX's own tile choices restated with
+    kernelevo's kernels, matched to the chip as the shipped files are (origin "seed").
+    Elsewhere, and for a chip no seed names, the seed is the shipped program. Speedups are
+    still measured against the shipped program (`find_source(..., include_tuned=False)`)."""
+    best: tuple[int, Path, str] | None = None
+    for path in sorted((shipped_heuristics_dir() / "seeds").glob("*.kevo")):
+        program = parse(path.read_text(encoding="utf-8"), str(path))
+        if program.target != backend:
+            continue
+        for pattern in program.chips or ("*",):
+            if chip.matches(pattern) and (best is None or _specificity(pattern) > best[0]):
+                best = (_specificity(pattern), path, pattern)
+    if best is None:
+        return find_source(backend, chip, include_tuned=False)
+    return Source(best[1], "seed", f"seed for chips matching {best[2]}")
+
+
+def seed_program(backend: str, chip: Chip) -> CompiledProgram:
+    """The seed program (seed_source) for this chip, loaded and checked."""
+    return load_file(seed_source(backend, chip).path, chip)
 
 
 class _Registry:

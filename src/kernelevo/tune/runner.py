@@ -36,6 +36,7 @@ from ..config import KernelConfig
 from ..dsl import parse
 from ..dsl.select import CompiledProgram
 from ..families import families_for
+from ..heuristics import seed_program
 from ..paths import check_writable, tuned_heuristics_path
 from . import DEFAULT_CANDIDATES, distill
 from .db import MLX_BUILTIN, Database, Measurement, one_line
@@ -169,6 +170,9 @@ class Tuner:
         self.chip = self.measurer.chip
         self.shipped = self.measurer.shipped
         self.shipped_path = Path(self.shipped.path)
+        # where the search starts: on a Mac MLX's choices restated with kernelevo's kernels
+        # (the shipped choice, the baseline, is MLX's own op there); elsewhere the shipped program
+        self.seed = seed_program(backend, self.chip)
         self._done = self._total = 0
         self._started = 0.0
         self._workload = ""
@@ -238,6 +242,15 @@ class Tuner:
         rule = self.shipped.select(shape.op, shape.features()).rule_number
         return distill.group_key(shape.op, shape.features(), rule)
 
+    def _seed_configs(self, shape: Shape, shipped: KernelConfig) -> tuple[KernelConfig, ...]:
+        """The seed program's choice for the shape, where it is a kernelevo kernel other than
+        the shipped choice (the search's first candidate); none where the seed cannot serve it."""
+        try:
+            seeded = self.seed.select(shape.op, shape.features()).config if self.seed.has(shape.op) else shipped
+        except ValueError:  # a DSLError: the seed chose a configuration invalid for this call
+            return ()
+        return (seeded,) if seeded != shipped and seeded.family != MLX_BUILTIN else ()
+
     def _tune_shape(self, shape: Shape) -> ShapeResult:
         m = self.measurer
         shipped = m.shipped_config(shape)
@@ -254,7 +267,8 @@ class Tuner:
 
         space = Space(shape.op, self.backend, self.chip, shape.features())
         strategy = make_strategy(self.settings.strategy, space,
-                                 self.settings.seed + zlib.crc32(shape.key.encode()), {shipped})
+                                 self.settings.seed + zlib.crc32(shape.key.encode()), {shipped},
+                                 seeds=self._seed_configs(shape, shipped))
         searched = 0
         while searched < self.settings.candidates and not self._out_of_time():
             batch = strategy.ask(min(4, self.settings.candidates - searched))
