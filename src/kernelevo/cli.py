@@ -14,7 +14,32 @@ from rich.table import Table
 
 from .tune import DEFAULT_CANDIDATES
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+class _OneLineErrors(typer.core.TyperGroup):
+    """A usage error (a bad option value, an unknown option) is one line, `error: ...`, as
+    every other error of the command is, with exit status 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except Exception as error:  # click's exceptions (typer may vendor click: matched by shape)
+            message = getattr(error, "format_message", None)
+            if type(error).__name__ == "Abort":
+                print("aborted", file=sys.stderr)
+                sys.exit(1)
+            if message is None:
+                raise
+            ctx = getattr(error, "ctx", None)
+            if type(error).__name__ == "NoArgsIsHelpError":  # `kernelevo`: the help, printed already
+                sys.exit(getattr(error, "exit_code", 2))
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            print(f"error: {' '.join(message().split())}{hint}", file=sys.stderr)
+            sys.exit(getattr(error, "exit_code", 2))
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_OneLineErrors,
                   help="Autotuned matmul and attention kernels for MLX, steered by .kevo heuristics.")
 db_app = typer.Typer(no_args_is_help=True, help="The tuning database.")
 app.add_typer(db_app, name="db")
@@ -51,24 +76,28 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
     m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
     if not m:
         _fail(f"--shape takes MxNxK (e.g. 16x4096x4096), not {text!r}", 2)
-    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+    sizes = int(m.group(1)), int(m.group(2)), int(m.group(3))
+    for name, size in zip("MNK", sizes):
+        if size < 1:
+            _fail(f"--shape {text.strip()}: {name} must be a positive integer, got {size}", 2)
+    return sizes
 
 
 @app.command()
 def explain(op: str = typer.Argument(..., help="matmul or attention"),
             shape: Optional[str] = typer.Option(None, help="matmul: MxNxK (the product is M x N, contracted over K)"),
             dtype: str = typer.Option("f32", help="f32, f16 or bf16"),
-            batch: int = typer.Option(1, help="matmul: independent products; attention: batch size"),
+            batch: int = typer.Option(1, min=1, help="matmul: independent products; attention: batch size"),
             transpose_a: bool = typer.Option(False, "--transpose-a"),
             transpose_b: bool = typer.Option(False, "--transpose-b", help="matmul: b is stored [N, K] (a linear layer's weight)"),
-            q_len: Optional[int] = typer.Option(None, help="attention: query length"),
-            kv_len: Optional[int] = typer.Option(None, help="attention: key/value length"),
-            heads: int = typer.Option(32, help="attention: query heads"),
-            kv_heads: Optional[int] = typer.Option(None, help="attention: key/value heads (default: heads)"),
-            head_dim: int = typer.Option(128, help="attention: head dimension"),
+            q_len: Optional[int] = typer.Option(None, min=1, help="attention: query length"),
+            kv_len: Optional[int] = typer.Option(None, min=1, help="attention: key/value length"),
+            heads: int = typer.Option(32, min=1, help="attention: query heads"),
+            kv_heads: Optional[int] = typer.Option(None, min=1, help="attention: key/value heads (default: heads)"),
+            head_dim: int = typer.Option(128, min=1, help="attention: head dimension"),
             mask: str = typer.Option("none", help="attention: none, causal, bool or additive"),
-            softcap: float = typer.Option(0.0, help="attention: logit soft-cap (0: off)"),
-            window: int = typer.Option(0, help="attention: sliding window (0: off)"),
+            softcap: float = typer.Option(0.0, min=0, help="attention: logit soft-cap (0: off)"),
+            window: int = typer.Option(0, min=0, help="attention: sliding window (0: off)"),
             backend: str = typer.Option("cpu", help="cpu, metal or cuda"),
             chip: Optional[str] = typer.Option(None, help="a GPU chip id (e.g. apple-m3-max) instead of this machine's")):
     """Show which rule of which .kevo file chooses the kernel for a call, and why."""
@@ -103,6 +132,11 @@ def explain(op: str = typer.Argument(..., help="matmul or attention"),
     print(f"call     {op} {shown}")
     print(f"chip     {e.chip.id} ({e.chip.name})")
     print(f"file     {e.source.path}  [{e.source.origin}: {e.source.reason}]")
+    if e.source.origin != "tuned":
+        from .paths import tuned_heuristics_path
+
+        print(f"tuned    {tuned_heuristics_path(e.chip.id)}  (none there yet: `kernelevo tune` writes "
+              f"it; a .kevo file put there is the one in force for {e.chip.id})")
     print(f"rule     {s.rule_number} at line {s.line}: {s.rule_text}")
     print(f"config   {s.config.to_dsl()}")
     print(f"kernel   {s.config.name}")
@@ -217,10 +251,16 @@ def fmt(files: list[Path] = typer.Argument(..., help=".kevo files"),
         raise typer.Exit(1)
 
 
-def _workload(workload: str, model: Optional[Path], shapes: Optional[Path]):
-    """The workload named by --workload / --model / --shapes (exits with the reason if bad)."""
+def _workload(workload: Optional[str], model: Optional[Path], shapes: Optional[Path]):
+    """The workload named by --workload / --model / --shapes (at most one of them; none: the
+    default preset), or an exit with the reason."""
     from .tune import workloads as wl
 
+    given = [f"--{name}" for name, value in (("workload", workload), ("model", model), ("shapes", shapes))
+             if value is not None]
+    if len(given) > 1:
+        _fail(f"{' and '.join(given)} each name a workload: give one of them", 2)
+    workload = workload if workload is not None else wl.DEFAULT_WORKLOAD
     try:
         if model is not None and model.is_dir():
             from .mlx_lm.record import workload_from_model_dir
@@ -233,7 +273,7 @@ def _workload(workload: str, model: Optional[Path], shapes: Optional[Path]):
         if workload in wl.PRESETS:
             return wl.PRESETS[workload]
     except (ValueError, ImportError) as error:
-        _fail(str(error), 2)
+        _fail(" ".join(str(error).split()), 2)
     _fail(f"unknown workload {workload!r}; presets: {', '.join(wl.PRESETS)}", 2)
 
 
@@ -282,22 +322,45 @@ class _Bar:
         self(self.steps - 1, None, what)
 
 
-_WORKLOAD_HELP = "a built-in workload preset"
+_WORKLOAD_HELP = "a built-in workload preset (`kernelevo tune --help` lists them; default: qwen3-0.6b)"
 _MODEL_HELP = ("derive the workload from a Hugging Face / mlx-lm config.json, or record it from "
                "an mlx-lm model directory's forward pass")
-_SHAPES_HELP = "a JSON file of explicit shapes (\"split\": \"held-out\" marks shapes to judge on)"
+_SHAPES_HELP = ("a JSON list of explicit shapes, e.g. [{\"op\": \"matmul\", \"M\": 16, \"N\": 4096, \"K\": "
+                "4096}]; defaults: dtype bf16, batch 1, transpose_b true (b stored [N, K], a linear "
+                "layer's weight); \"split\": \"held-out\" marks shapes to judge on (docs/tuning.md)")
 
 
-@app.command()
+def _presets_help() -> str:
+    from .tune.workloads import PRESET_SUMMARIES
+
+    width = max(map(len, PRESET_SUMMARIES))
+    return ("\b\nWorkload presets (--workload NAME; --model or --shapes instead name your own):\n"
+            + "\n".join(f"  {name:{width}}  {line}" for name, line in PRESET_SUMMARIES.items()))
+
+
+def _positive_seconds(value: Optional[float]) -> Optional[float]:
+    import math
+
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a number of seconds above 0, got {value:g}")
+    return value
+
+
+@app.command(help="Time candidate kernels on this chip and write the winners as .kevo heuristics.\n\n"
+             + _presets_help())
 def tune(chip: str = typer.Option("auto", help="'auto' (this machine's chip) or its id; other chips cannot be timed here"),
          backend: Optional[str] = typer.Option(None, help="cpu, metal or cuda (default: MLX's default device)"),
-         workload: str = typer.Option("qwen3-0.6b", help=_WORKLOAD_HELP),
+         workload: Optional[str] = typer.Option(None, help=_WORKLOAD_HELP, show_default=False),
          model: Optional[Path] = typer.Option(None, help=_MODEL_HELP),
          shapes: Optional[Path] = typer.Option(None, help=_SHAPES_HELP),
          strategy: str = typer.Option("evolve", help="evolve, random or exhaustive"),
-         candidates: int = typer.Option(DEFAULT_CANDIDATES, help="configurations searched per shape, besides the shipped one"),
-         reps: int = typer.Option(5, help="timed pairs per search measurement (confirmations take 3x)"),
-         time_budget: Optional[float] = typer.Option(None, help="stop searching after this many seconds"),
+         candidates: int = typer.Option(DEFAULT_CANDIDATES, min=1, help="configurations searched per shape, besides the shipped one"),
+         reps: int = typer.Option(5, min=1, help="timed pairs per search measurement (confirmations take 3x)"),
+         time_budget: Optional[float] = typer.Option(
+             None, callback=_positive_seconds,
+             help="seconds for tuning the training shapes, their baselines (A/A control, MLX's op) included: "
+                  "shapes not reached are skipped. The rules found are then judged on the held-out shapes "
+                  "and re-timed in fresh workers, which takes longer"),
          seed: int = typer.Option(0, help="seed of the search"),
          output: Optional[Path] = typer.Option(None, help="write the heuristics here instead of the user data directory"),
          database: Optional[Path] = typer.Option(None, "--db", help="the tuning database (default: user cache directory)")):
@@ -323,7 +386,10 @@ def tune(chip: str = typer.Option("auto", help="'auto' (this machine's chip) or 
           f"{len(chosen.held_out)} held out; chip {local.id} ({local.name}), database {db_path}")
     with Database(db_path) as db, _Bar("tuning") as bar:
         try:
-            result = Tuner(backend, db, settings, bar).run(chosen, output)
+            tuner = Tuner(backend, db, settings, bar)
+            if not out.is_terminal:  # piped or logged: no bar there, a plain line per shape
+                tuner.announce = lambda line: print(line, flush=True)
+            result = tuner.run(chosen, output)
         except KeyboardInterrupt:
             print("interrupted: finished measurements are kept; run the same command to resume",
                   file=sys.stderr)
@@ -335,6 +401,10 @@ def tune(chip: str = typer.Option("auto", help="'auto' (this machine's chip) or 
     print(f"{result.measured} measured, {result.reused} reused from the database, {result.failed} "
           f"rejected (wrong, failed, crashed or hung), {result.restarts} worker restarts, "
           f"{result.elapsed_s:.0f} s")
+    if time_budget is not None:
+        print(f"time budget {time_budget:g} s: the training shapes, baselines included, took "
+              f"{result.tuning_s:.0f} s; judging the rules on held-out shapes and re-timing them took "
+              f"{max(result.elapsed_s - result.tuning_s, 0):.0f} s more")
     _print_load(result.loaded, result.measured + result.reused, result.watched)
     rules = result.distilled.rules if result.distilled else []
     print(f"{len(rules)} rule(s) written, each re-timed in fresh workers; {len(result.dropped)} not written:")
@@ -347,7 +417,9 @@ def tune(chip: str = typer.Option("auto", help="'auto' (this machine's chip) or 
     else:
         print("no held-out shapes: nothing checked that the rules generalise beyond the shapes "
               "they were fitted to")
-    if result.output:
+    if result.output and result.unchanged:
+        print(f"unchanged: {result.output} already holds these rules (not rewritten)")
+    elif result.output:
         print(f"wrote {result.output}")
 
 
@@ -407,7 +479,7 @@ def _print_report(db, run_id: int) -> list[dict]:
 
 @app.command()
 def score(file: Path = typer.Argument(..., help="the .kevo program to score"),
-          workload: str = typer.Option("qwen3-0.6b", help=_WORKLOAD_HELP),
+          workload: Optional[str] = typer.Option(None, help=_WORKLOAD_HELP, show_default=False),
           model: Optional[Path] = typer.Option(None, help=_MODEL_HELP),
           shapes: Optional[Path] = typer.Option(None, help=_SHAPES_HELP),
           split: str = typer.Option("all", help="train, held-out or all"),
@@ -529,7 +601,7 @@ def verify(file: Path = typer.Argument(..., help="the .kevo program whose rules 
         named = _header_workload(loaded[1])
         if named is not None:
             workload, model, shapes = named
-    chosen = _workload(workload or "qwen3-0.6b", model, shapes)
+    chosen = _workload(workload, model, shapes)
     with Database(database or database_path()) as db:
         program = _compile_for(loaded, backend, file)
         measurer = Measurer(backend, db, MeasureSettings(reps=reps))
@@ -575,7 +647,7 @@ app.add_typer(evolve_app, name="evolve")
 @evolve_app.callback(invoke_without_command=True)
 def evolve(ctx: typer.Context,
            backend: Optional[str] = typer.Option(None, help="cpu, metal or cuda (default: MLX's default device)"),
-           workload: str = typer.Option("qwen3-0.6b", help=_WORKLOAD_HELP),
+           workload: Optional[str] = typer.Option(None, help=_WORKLOAD_HELP, show_default=False),
            model: Optional[Path] = typer.Option(None, help=_MODEL_HELP),
            shapes: Optional[Path] = typer.Option(None, help=_SHAPES_HELP),
            seed: list[Path] = typer.Option([], "--seed", help="another program to start from (besides the "
@@ -751,8 +823,22 @@ def evolve_report(run: Optional[int] = typer.Option(None, help="the evolution ru
         print(f"plot: {path}")
 
 
+def _id_ranges(ids: list[int]) -> str:
+    """1-5, 7, 9-10"""
+    parts, ids = [], sorted(ids)
+    start = prev = ids[0]
+    for i in ids[1:] + [None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(f"{start}–{prev}" if prev > start else str(start))
+        if i is not None:
+            start = prev = i
+    return ", ".join(parts)
+
+
 @app.command()
-def report(run: Optional[int] = typer.Option(None, help="the run (default: the latest finished one)"),
+def report(run: Optional[int] = typer.Option(None, min=1, help="the run (default: the latest finished one)"),
            plot: Optional[Path] = typer.Option(None, help="where to write the PNG plot "
                                                "(default: tune-report-<run>.png in the cache directory)"),
            database: Optional[Path] = typer.Option(None, "--db")):
@@ -762,10 +848,17 @@ def report(run: Optional[int] = typer.Option(None, help="the run (default: the l
     from .tune.report import plot as draw
 
     with Database(database or database_path(), readonly=True) as db:
-        finished = [r for r in db.runs() if r.status == "finished"]
+        runs = db.runs()
+        finished = [r for r in runs if r.status == "finished"]
         chosen = db.run(run) if run is not None else (finished[-1] if finished else None)
+        if chosen is None and run is not None:
+            _fail(f"no run {run}; " + (f"runs are {_id_ranges([r.id for r in runs])} (`kernelevo db list`)"
+                                       if runs else "the database has no tuning run yet; run "
+                                                    "`kernelevo tune --chip auto`"))
         if chosen is None:
-            _fail("no finished tuning run in the database; run `kernelevo tune --chip auto`")
+            _fail("no finished tuning run in the database; run `kernelevo tune --chip auto`"
+                  + (f" (runs {_id_ranges([r.id for r in runs])} did not finish: `kernelevo db list`)"
+                     if runs else ""))
         rows = _print_report(db, chosen.id)
         if chosen.summary:
             import json

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 import zlib
 from collections import defaultdict
@@ -140,6 +141,8 @@ class TuneResult:
     distilled: Distilled | None = None
     dropped: list[str] = field(default_factory=list)  # rules not written, with the reason
     elapsed_s: float = 0.0
+    tuning_s: float = 0.0  # of it, tuning the training shapes (what a time budget bounds)
+    unchanged: bool = False  # the file written already held these rules: left as it was
     restarts: int = 0
     measured: int = 0
     reused: int = 0
@@ -176,6 +179,9 @@ class Tuner:
         self._done = self._total = 0
         self._started = 0.0
         self._workload = ""
+        #: one plain line per training shape and per later phase (the CLI prints them when its
+        #: output is not a terminal, where no progress bar is drawn)
+        self.announce: Callable[[str], None] = lambda line: None
 
     def _step(self, what: str) -> None:
         self._done += 1
@@ -214,15 +220,33 @@ class Tuner:
         self._total = len(train) * per_shape + len(held_out) * 2
         try:
             with self.measurer:
-                for shape in train:
+                for i, shape in enumerate(train):
+                    if self._out_of_time():  # the budget covers the baselines too
+                        result.skipped.append(f"{len(train) - i} of {len(train)} training shapes: not "
+                                              f"reached within the time budget of "
+                                              f"{self.settings.time_budget_s:g} s")
+                        self.announce(f"time budget of {self.settings.time_budget_s:g} s spent: "
+                                      f"{len(train) - i} of {len(train)} training shapes not reached")
+                        break
+                    self.announce(f"[{i + 1}/{len(train)}] {shape.label or shape}: {shape}")
                     tuned = self._tune_shape(shape)
                     if tuned.control is None or not tuned.control.ok:
                         result.skipped.append(f"{shape}: the shipped choice {tuned.shipped.to_dsl()} "
                                               f"failed ({tuned.failure})")
+                        self.announce(f"      the shipped choice failed ({tuned.failure})")
                     else:
                         result.shapes.append(tuned)
+                        best = tuned.best
+                        self.announce(f"      {len(tuned.search)} searched, "
+                                      + (f"best confirmed {1 / best[1]:.2f}x the shipped choice: {best[0]}"
+                                         if best else "none confirmed faster than the shipped choice"))
                 self._cross_time(result.shapes)
+                result.tuning_s = time.perf_counter() - self._started
+                if held_out:
+                    self.announce(f"judging the rules found on {len(held_out)} held-out shapes")
                 rules = self._distill(result, held_out)
+                if rules:
+                    self.announce(f"re-timing {len(rules)} rule(s) in fresh workers")
                 self._reproduce(result, rules, labelled)
                 result.restarts = self.measurer.restarts
             self._summarise(result)
@@ -262,7 +286,7 @@ class Tuner:
         if not control.ok:
             result.failure = control.reason
             return result
-        if base != MLX_BUILTIN:
+        if base != MLX_BUILTIN and not self._out_of_time():
             result.mlx = m.measure(shape, MLX_BUILTIN, "confirm", verify=False)
 
         space = Space(shape.op, self.backend, self.chip, shape.features())
@@ -285,6 +309,8 @@ class Tuner:
         # timed again with more, and only that second figure can make a winner.
         finalists = sorted((r, c) for c, r in result.search.items() if c != base)[:self.settings.confirm]
         for _, config in finalists:
+            if self._out_of_time():
+                break
             row = m.measure(shape, config, "confirm")
             if row.usable:
                 result.confirmed[config] = row
@@ -476,11 +502,25 @@ class Tuner:
         path = Path(output) if output else tuned_heuristics_path(self.chip.id)
         CompiledProgram(parse(text, str(path)), text, str(path), self.chip)  # must check clean
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            path.rename(path.with_name(f"{path.name}.{stamp}.prev"))
+        if path.is_file():
+            try:
+                before = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                before = None
+            if before is not None and _without_stamp(before) == _without_stamp(text):
+                result.unchanged = True  # the same rules: neither rewritten nor backed up
+                ops.forget_selections()
+                return path
+            # the one previous version is kept beside it (replacing an older backup)
+            os.replace(path, path.with_name(f"{path.name}.prev"))
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
         ops.forget_selections()
         return path
+
+
+def _without_stamp(text: str) -> str:
+    """A tuned file's text without its header's date (`# Tuned for ... by `kernelevo tune`,
+    DATE.`): two files that differ only there hold the same rules."""
+    return re.sub(r"^(# Tuned for .* by `kernelevo tune`), [^\n]*$", r"\1", text, count=1, flags=re.MULTILINE)
