@@ -487,14 +487,8 @@ def open_connection(path: Path, readonly: bool = False) -> sqlite3.Connection:
 def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
     if not readonly:
         conn = sqlite3.connect(str(path), timeout=60.0, isolation_level=None)
-        try:
-            _enable_wal(conn)
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=60000")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        conn.execute("PRAGMA busy_timeout=60000")
+        return conn  # (write-ahead logging once the contents are known to be ours)
     uri = "file:" + quote(str(path.resolve()))
     try:
         conn = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=60.0, isolation_level=None)
@@ -551,7 +545,11 @@ def _check_contents(conn: sqlite3.Connection, path: Path, readonly: bool) -> Non
     if version == 0 and readonly:
         raise NoDatabase(f"the tuning database {path} is empty")
     _check_schema(found, version, path)
-    if not readonly and version < SCHEMA_VERSION:
+    if readonly:
+        return
+    _enable_wal(conn)
+    conn.execute("PRAGMA synchronous=NORMAL")
+    if version < SCHEMA_VERSION:
         _migrate(conn)
         _check_schema(_schema(conn), SCHEMA_VERSION, path)
 
