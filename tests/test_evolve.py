@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from kernelevo import chips
+from kernelevo.config import KernelConfig
 from kernelevo.dsl import parse
 from kernelevo.dsl.select import CompiledProgram
 from kernelevo.evolve import prompt as prompts
@@ -247,3 +248,55 @@ def test_the_prompt_carries_the_reference_the_parent_its_results_and_the_rejecti
     assert text in body and "mc % mr" in body and "2.00x with `gemv nb=64" in body
     assert "#### `gemm` — matmul, cpu" in body and "— matmul, cuda" not in body  # this backend only
     assert f"chip.cores = {LOCAL.cores}" in body and "SEARCH" in body
+
+
+def test_the_winner_loses_the_rules_that_fresh_workers_do_not_support(tmp_path):
+    """Before it is written the winner is re-timed in fresh workers: a rule found slower is
+    removed, only choices that changed are timed again, and what is written carries the
+    re-timed figures (shapes left to the shipped rules count 1.00x)."""
+    from kernelevo.evolve.loop import EvolveResult
+
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps({"speed": {"mr=4+nr=16": 0.6}, "default": 1.3, "noise": 0.01}))
+    shipped = Scorer.replay("cpu", Database(database_path())).measurer.shipped_config(TRAIN[0])
+    mr = shipped.get("mr")
+    fast = KernelConfig.make("matmul", "cpu", "gemm", dict(shipped.as_dict(), mc=32, mr=4, nr=16, nc=384))
+    slow = KernelConfig.make("matmul", "cpu", "gemm", dict(
+        shipped.as_dict(), mc=next(m for m in (64, 128, 48, 96, 192) if m != shipped.get("mc") and m % mr == 0)))
+    assert "mr=4 nr=16" in fast.to_dsl() and "mr=4 nr=16" not in slow.to_dsl()
+    text = SHIPPED.read_text().replace("matmul {\n", f"matmul {{\n  when M <= 40 {{ {fast.to_dsl()} }}\n"
+                                       f"  when M <= 64 {{ {slow.to_dsl()} }}\n", 1)
+    with Database(database_path()) as db:
+        evo = Evolution("cpu", db, WORKLOAD, seeds(), EvolveSettings(reps=3, reproduce_rounds=2),
+                        worker_command=[sys.executable, SCRIPTED, str(script)])
+        evo.programs[1] = evo.fitness.compile(text)
+        result = EvolveResult(1)
+        with evo.measurer:
+            path = evo._write(1, Member(1, text, 1.5, 0, 0, "test"), result, tmp_path / "evolved.kevo")
+        retimed = [r for r in db.measurements() if r.phase == "reproduce"]
+    assert path is not None
+    written = path.read_text()
+    rules = "\n".join(line for line in written.splitlines() if not line.lstrip().startswith("#"))
+    assert fast.to_dsl() in rules and slow.to_dsl() not in rules
+    assert len(result.dropped) == 1 and "matmul rule 2" in result.dropped[0] and "slower" in result.dropped[0]
+    # rule 1 serves t1 (32 rows) and t4 (16 rows) at 1/0.6 = 1.67x; t2, t3 fall to the shipped rules
+    assert result.retimed_train == pytest.approx((1 / 0.6) ** 0.5, rel=0.05)
+    assert result.retimed_held_out == pytest.approx(1.0)
+    assert "claim: 1.6" in written and "Removed after re-timing" in written
+    # two rounds of the four changed pairs (t1, t4 and rule 2's t2, h1); nothing re-timed after the removal
+    assert len(retimed) == 8
+
+
+def test_the_time_budget_keeps_room_for_judging_and_re_timing_the_winner(db_copy, tmp_path):
+    """The budget covers the whole run: the loop stops while the expected cost of judging
+    the finalists and re-timing the winner (at the seconds a measurement has taken) fits."""
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps({"speed": {"mr=4+nr=16": 0.6}, "default": 1.3, "noise": 0.01}))
+    with Database(db_copy) as db:
+        evo = Evolution("cpu", db, WORKLOAD, seeds(), EvolveSettings(iterations=100000, time_budget_s=120, reps=3),
+                        worker_command=[sys.executable, SCRIPTED, str(script)])
+        evo.measurer.seconds_per = lambda phase: 30.0  # as if each measurement took 30 s
+        started = time.perf_counter()
+        result = evo.run(tmp_path / "evolved.kevo")
+    assert "kept for judging the finalists and re-timing the winner" in result.stopped_by
+    assert time.perf_counter() - started < 120

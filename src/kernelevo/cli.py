@@ -558,8 +558,9 @@ def _load_program(file: Path, backend: Optional[str], timed: bool):
         _fail(f"{file}: {error.strerror}", 2)
     except UnicodeDecodeError:
         _fail(f"{file}: not UTF-8 text", 2)
-    except DSLError as error:
-        _fail(str(error))
+    except DSLError as error:  # the diagnostics as `check` prints them: line:column, a caret
+        print(error, file=sys.stderr)
+        raise typer.Exit(1)
     backend = backend or program.target or "cpu"
     if timed:
         backend = _backend(backend, "score")
@@ -577,7 +578,8 @@ def _compile_for(loaded, backend: str, file: Path):
     try:
         return CompiledProgram(program, text, str(file), chips_mod.detect(backend))
     except DSLError as error:
-        _fail(str(error))
+        print(error, file=sys.stderr)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -663,7 +665,8 @@ def evolve(ctx: typer.Context,
            price_in: float = typer.Option(0.0, min=0, help="cost per million prompt tokens (for --max-cost)"),
            price_out: float = typer.Option(0.0, min=0, help="cost per million completion tokens"),
            iterations: int = typer.Option(300, min=1, help="proposals to process"),
-           time_budget: Optional[float] = typer.Option(900.0, min=0, help="seconds (0: none)"),
+           time_budget: Optional[float] = typer.Option(900.0, min=0, help="seconds for the whole run, judging "
+                                                       "and re-timing the winner included (0: none)"),
            max_measurements: Optional[int] = typer.Option(None, min=1, help="new measurements at most"),
            max_tokens: Optional[int] = typer.Option(None, min=1, help="LLM tokens at most"),
            max_cost: Optional[float] = typer.Option(None, min=0, help="LLM cost at most"),
@@ -752,10 +755,13 @@ def evolve(ctx: typer.Context,
             if value is not None:
                 print(f"  seed {name}: held-out {value:.3f}x")
         print("lineage: " + " -> ".join(result.lineage))
+    if result.dropped:
+        print("removed after re-timing in fresh workers:")
     for reason in result.dropped:
         print(f"  - {reason}")
     if result.output:
-        print(f"wrote {result.output}")
+        held = f", held-out {result.retimed_held_out:.3f}x" if result.retimed_held_out is not None else ""
+        print(f"wrote {result.output}: re-timed in fresh workers, training {result.retimed_train:.3f}x{held}")
 
 
 class _Lines:
@@ -850,7 +856,8 @@ def report(run: Optional[int] = typer.Option(None, min=1, help="the run (default
     with Database(database or database_path(), readonly=True) as db:
         runs = db.runs()
         finished = [r for r in runs if r.status == "finished"]
-        chosen = db.run(run) if run is not None else (finished[-1] if finished else None)
+        chosen = (db.run(run) if run < 1 << 62 else None) if run is not None else (
+            finished[-1] if finished else None)
         if chosen is None and run is not None:
             _fail(f"no run {run}; " + (f"runs are {_id_ranges([r.id for r in runs])} (`kernelevo db list`)"
                                        if runs else "the database has no tuning run yet; run "

@@ -39,6 +39,9 @@ from .archive import Archive, Member
 from .fitness import Fitness, Rejected, Scored
 from .llm import LLMClient, LLMSettings, Reply, ReplyError, program_from_reply
 from .mutate import Mutator, vocabulary_from
+
+#: re-timings of the winner, each after removing the rules the last one did not support
+PRUNE_ROUNDS = 3
 from .store import EvolveStore, text_hash
 
 Progress = Callable[[str], None]
@@ -47,7 +50,7 @@ Progress = Callable[[str], None]
 @dataclass(frozen=True)
 class EvolveSettings:
     iterations: int = 300  # proposals processed
-    time_budget_s: float | None = 900.0
+    time_budget_s: float | None = 900.0  # the whole run: judging and re-timing the winner included
     max_measurements: int | None = None  # new measurements
     max_tokens: int | None = None  # LLM tokens, prompt and completion
     max_cost: float | None = None  # LLM cost, in the unit of the prices given
@@ -86,7 +89,9 @@ class EvolveResult:
     tokens: int = 0
     cost: float = 0.0
     outcomes: dict[str, int] = field(default_factory=dict)
-    dropped: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # rules removed after re-timing, and why
+    retimed_train: float | None = None  # the written program, re-timed in fresh workers
+    retimed_held_out: float | None = None
     lineage: list[str] = field(default_factory=list)
 
 
@@ -124,6 +129,8 @@ class Evolution:
         self.iteration = 0
         self._started = 0.0
         self._vocab_at = -1
+        self._reserve: float | None = None  # seconds kept for the finish (_finish_reserve)
+        self._reserve_at = -1
         self.mutator: Mutator | None = None
 
     @property
@@ -135,8 +142,11 @@ class Evolution:
         s = self.settings
         if self.iteration >= s.iterations:
             return f"{s.iterations} iterations"
-        if s.time_budget_s is not None and time.perf_counter() - self._started > s.time_budget_s:
-            return f"the time budget ({s.time_budget_s:.0f} s)"
+        if s.time_budget_s is not None:
+            reserve = self._finish_reserve()
+            if time.perf_counter() - self._started + reserve > s.time_budget_s:
+                return (f"the time budget ({s.time_budget_s:.0f} s, of which about {reserve:.0f} s are kept "
+                        "for judging the finalists and re-timing the winner)")
         if self.fitness.out_of_measurements:
             return f"the measurement budget ({s.max_measurements})"
         if s.max_tokens is not None and self.tokens >= s.max_tokens:
@@ -144,6 +154,36 @@ class Evolution:
         if s.max_cost is not None and self.cost >= s.max_cost:
             return f"the cost budget ({s.max_cost})"
         return None
+
+    def _finish_reserve(self) -> float:
+        """Seconds the finish is expected to take, at the seconds per new measurement seen
+        so far: the finalists' held-out pairs not yet stored, and the re-timing of the best
+        program's pairs (`reproduce_rounds` each, with room for one round of removed rules).
+        Re-estimated every 10 iterations."""
+        if self.settings.replay or self.archive.best is None:
+            return 0.0
+        if self._reserve is not None and self.iteration - self._reserve_at < 10:
+            return self._reserve
+        per_confirm = self.measurer.seconds_per("confirm")
+        per_reproduce = self.measurer.seconds_per("reproduce") or per_confirm
+        if per_confirm is None:
+            return 0.0
+        finalists = list({m.id: m for m in self.archive.top(self.settings.finalists)
+                          + list(self.archive.cells().values())}.values())
+        unstored = set()
+        for m in finalists:
+            for shape in self.held_out:
+                config = self.programs[m.id].select(shape.op, shape.features()).config.to_dsl()
+                if config != self.measurer.shipped_config(shape).to_dsl() and \
+                        self.measurer.lookup(shape, config) is None:
+                    unstored.add((shape.key, config))
+        best = self.programs[self.archive.best.id]
+        differing = sum(best.select(s.op, s.features()).config.to_dsl() != self.measurer.shipped_config(s).to_dsl()
+                        for s in self.train + self.held_out)
+        self._reserve = (len(unstored) * per_confirm
+                         + 1.5 * differing * self.settings.reproduce_rounds * per_reproduce)
+        self._reserve_at = self.iteration
+        return self._reserve
 
     # -- programs ----------------------------------------------------------------------
     def _member(self, program_id: int, scored: Scored, text: str, proposer: str, firm: bool) -> Member:
@@ -468,40 +508,54 @@ class Evolution:
             result.output = self._write(run_id, winner, result, output)
 
     def _write(self, run_id: int, winner: Member, result: EvolveResult, output: Path | None) -> Path | None:
-        """Re-times the winner in fresh workers, keeps the claims that figures support, and
-        writes it (the previous file kept)."""
+        """Re-times the winner in fresh workers against the shipped choices. A rule that does
+        not hold up there (slower than the shape's noise band, or not timed cleanly) is
+        removed, and what the remaining rules choose instead is re-timed, until every rule
+        left holds up. Writes what is left (the previous file kept), its claims and header
+        figures the re-timings; nothing if no rule is left or an `else` fails."""
         program = self.programs[winner.id]
         labelled = [("train", s) for s in self.train] + [("held-out", s) for s in self.held_out]
-        items = reproduce(self.measurer, program, labelled, self.settings.reproduce_rounds)
+        items: list[Reproduction] = []
+        for _ in range(PRUNE_ROUNDS):
+            items = reproduce(self.measurer, program, labelled, self.settings.reproduce_rounds, known=items)
+            failing = self._failing_rules(check_rules(program, items))
+            if not failing:
+                break
+            result.dropped += [f"{op} rule {rule} ({why})" for (op, rule), why in failing.items()]
+            if any(program.program.section(op).rules[rule - 1].is_else for op, rule in failing):
+                self.progress("an else rule of the winner did not reproduce in fresh workers; nothing written")
+                return None
+            program = _without_rules(program, failing)
+        else:
+            self.progress(f"the winner's rules still failed after {PRUNE_ROUNDS} re-timings; nothing written")
+            return None
+        if not items:
+            self.progress("no rule of the winner held up in fresh workers; nothing written")
+            return None
         checks = check_rules(program, items)
         claims: dict[tuple[str, int], str] = {}
         for c in checks:
-            train = [i.speedup for i in c.items if i.split == "train" and i.speedup]
-            held = [i.speedup for i in c.items if i.split == "held-out" and i.speedup]
-            problem = next((i.problem for i in c.items if i.problem), None)
-            if problem:
-                result.dropped.append(f"rule {c.rule} ({c.config}): not re-timed cleanly ({problem})")
-                continue
+            train = [i.speedup for i in c.items if i.split == "train"]
+            held = [i.speedup for i in c.items if i.split == "held-out"]
             if train:
                 claims[(c.items[0].shape.op, c.rule)] = claim_text(
                     geomean(train), len(train), geomean(held) if held else None, len(held), None)
-            slower = [i for i in c.items if i.speedup and i.speedup < 1 / (1 + (self.measurer.band(i.shape) or 0))]
-            if slower:
-                result.dropped.append(f"rule {c.rule} ({c.config}): {slower[0].shape} re-timed at "
-                                      f"{slower[0].speedup:.2f}x (slower than its noise band)")
-        if result.dropped:
-            # A re-timing contradicted the evolved score: write nothing rather than a claim
-            # nobody observed. The run's programs stay in the database for `evolve report`.
-            self.progress("the winner did not reproduce in fresh workers; nothing written")
-            return None
+        # over every shape of each split: where the program chooses what the shipped rules
+        # choose, the speedup is 1 by construction
+        retimed = {split: geomean([i.speedup for i in items if i.split == split]
+                                  + [1.0] * (len(shapes) - sum(i.split == split for i in items)))
+                   for split, shapes in (("train", self.train), ("held-out", self.held_out)) if shapes}
+        result.retimed_train, result.retimed_held_out = retimed.get("train"), retimed.get("held-out")
         tree = _with_claims(program.program, claims)
         head = (
             f"# Evolved for {self.chip.id} ({self.chip.name}) by `kernelevo evolve` ({self.proposer}), "
             f"{time.strftime('%Y-%m-%d %H:%M')}, run {run_id}.",
-            f"# Score over the shipped heuristics: {winner.score:.3f}x on {len(self.train)} training "
-            f"shapes" + (f", {result.winner_held_out:.3f}x on {len(self.held_out)} held-out shapes"
-                         if result.winner_held_out is not None else "")
-            + " (geometric means; the claims below are re-timings in fresh workers).",
+            f"# Re-timed in fresh workers over the shipped heuristics: {result.retimed_train:.3f}x on "
+            f"{len(self.train)} training shapes" + (f", {result.retimed_held_out:.3f}x on {len(self.held_out)} "
+                                                    f"held-out shapes" if self.held_out else "")
+            + f" (geometric means; in the loop the winner scored {winner.score:.3f}x on training shapes"
+            + (f", {result.winner_held_out:.3f}x held-out" if result.winner_held_out is not None else "") + ").",
+            *([f"# Removed after re-timing: {'; '.join(result.dropped)}."] if result.dropped else []),
             "# Lineage: " + " -> ".join(result.lineage),
             f"# Workload: {self.workload.source or self.workload.name}",
         )
@@ -521,12 +575,38 @@ class Evolution:
         ops.forget_selections()
         return path
 
+    def _failing_rules(self, checks) -> dict[tuple[str, int], str]:
+        """(op, rule number) -> why, for the rules whose re-timings do not support them."""
+        failing = {}
+        for c in checks:
+            problem = next((i.problem for i in c.items if i.problem), None)
+            slower = [i for i in c.items if i.speedup and i.speedup < 1 / (1 + (self.measurer.band(i.shape) or 0))]
+            if problem:
+                failing[(c.items[0].shape.op, c.rule)] = f"{c.config}: not re-timed cleanly, {problem}"
+            elif slower:
+                failing[(c.items[0].shape.op, c.rule)] = (f"{c.config}: {slower[0].shape} re-timed at "
+                                                          f"{slower[0].speedup:.2f}x, slower than its noise band")
+        return failing
+
     def _summary(self, result: EvolveResult) -> dict:
         return {"iterations": result.iterations, "winner": result.winner.id if result.winner else None,
                 "train": result.winner_train, "held_out": result.winner_held_out,
                 "seed_held_out": result.seed_held_out, "measurements": result.measurements,
                 "tokens": result.tokens, "cost": result.cost, "stopped_by": result.stopped_by,
                 "outcomes": result.outcomes, "dropped": result.dropped, "lineage": result.lineage}
+
+
+def _without_rules(program: CompiledProgram, rules: dict[tuple[str, int], str]) -> CompiledProgram:
+    """The program less the given (op, rule number) rules, none of them an `else`."""
+    sections = []
+    for section in program.program.sections:
+        victims = [section.rules[n - 1] for op, n in rules if op == section.op]
+        sections.append(ast.Section(section.op, tuple(i for i in section.items if not any(i is v for v in victims)),
+                                    section.comments, section.trailing))
+    tree = ast.Program(program.program.version, program.program.target, program.program.chips,
+                       tuple(sections), program.program.comments, program.program.trailing)
+    text = format_program(tree)
+    return CompiledProgram(parse(text, "<pruned>"), text, "<pruned>", program.chip)
 
 
 def _with_claims(program: ast.Program, claims: dict[tuple[str, int], str]) -> ast.Program:
