@@ -196,8 +196,11 @@ def section_text(live: dict | None, replay: dict | None, command: str) -> str:
                 lines.append(f"| {name} | no | - | - |")
             else:
                 lines.append(f"| {name} | yes | {r['held_out_retimed']:.3f}x | {r['held_out_changed']} |")
-        summary = [l for l in live["evolve_output"].splitlines() if l.startswith(("run ", "proposals:", "winner", "lineage"))]
-        lines += ["", "Evolution's own summary:", "", "```", *summary, "```"]
+        summary = [l for l in live["evolve_output"].splitlines()
+                   if l.startswith(("run ", "proposals:", "winner", "lineage", "wrote", "removed", "  - "))]
+        lines += ["", f"`kernelevo evolve` took {live['evolve_s']:.0f} s of its {live['budget_s']:.0f} s budget "
+                  "(judging the finalists and re-timing the winner included). Its own summary:", "",
+                  "```", *summary, "```"]
     if replay is None:
         return "\n".join(lines)
     lines += ["", f"### Replayed at equal budgets: {replay['n']} programs scored per method and seed "
