@@ -19,6 +19,7 @@ from ..features import OP_FEATURES, Feature
 from . import ast
 from .errors import Diagnostic
 from .evaluate import FUNCTIONS, EvalError, partial_truth, try_constant
+from .formatter import format_expr
 
 SUPPORTED_VERSION = 1
 INTEGER_FACTS = {"cores", "simd_width", "vector_registers", "threadgroup_memory", "max_threads",
@@ -28,7 +29,7 @@ INTEGER_FACTS = {"cores", "simd_width", "vector_registers", "threadgroup_memory"
 @dataclass(frozen=True)
 class Type:
     kind: str  # int | float | bool | symbol | any (after an error)
-    symbols: frozenset[str] | None = None  # the values of a symbol feature
+    symbols: tuple[str, ...] | None = None  # the values of a symbol feature, in order
     literal: str | None = None  # a bare name that is not a feature or let: maybe a symbol
 
     @property
@@ -45,7 +46,7 @@ _KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true/false",
 
 def _feature_type(f: Feature) -> Type:
     if f.type == "symbol":
-        return Type("symbol", frozenset(f.symbols))
+        return Type("symbol", tuple(f.symbols))
     return {"int": INT, "bool": BOOL, "number": FLOAT}[f.type]
 
 
@@ -135,7 +136,7 @@ class _Checker:
         lets: dict[str, Type] = {}
         seen_rule = False
         else_rule: ast.Rule | None = None
-        earlier: list[ast.Rule] = []
+        earlier: dict[ast.Expr, ast.Rule] = {}  # condition -> first rule with it
         always: ast.Rule | None = None
         reachable = {chip.id: True for chip in chips}  # has no earlier rule matched always?
         for item in section.items:
@@ -160,7 +161,7 @@ class _Checker:
             else:
                 if self.condition(item, features, lets, earlier, always) and always is None:
                     always = item
-                earlier.append(item)
+                earlier.setdefault(item.condition, item)
             if backend is not None:
                 # Constraints are checked for each kind of chip that can reach the rule.
                 for_chips = [c for c in chips if reachable[c.id] and self._possible(item, c, features, lets)]
@@ -200,11 +201,11 @@ class _Checker:
             self.error(f"never reached: the rule at line {always.pos.line} always matches",
                        rule.pos)
             return False
-        for prior in earlier:
-            if prior.condition == rule.condition:
-                self.error(f"never reached: the rule at line {prior.pos.line} has the same "
-                           f"condition", rule.pos)
-                return False
+        prior = earlier.get(rule.condition)  # a dict: one lookup, not a pass over the rules
+        if prior is not None and prior is not rule:
+            self.error(f"never reached: the rule at line {prior.pos.line} has the same "
+                       f"condition", rule.pos)
+            return False
         if len(self.diagnostics) > errors_before:
             return False  # evaluating it would only repeat what was reported
         known, value = self._constant(rule.condition, features, lets)
@@ -290,7 +291,7 @@ class _Checker:
                 return False
             return True
         t = self.value_type(expr, features, lets)
-        if t.kind == "symbol" and t.symbols is not None and t.symbols <= set(schema.choices):
+        if t.kind == "symbol" and t.symbols is not None and set(t.symbols) <= set(schema.choices):
             return True
         if t.kind != "any":
             self.error(f"{schema.name} takes one of {', '.join(schema.choices)}; this is "
@@ -378,6 +379,12 @@ class _Checker:
             types = [self.value_type(a, features, lets) for a in expr.args]
             if not all([self.expect(t, "num", fn.name, a) for t, a in zip(types, expr.args)]):
                 return ANY
+            if fn.name == "cdiv" and any(t.kind != "int" for t in types):
+                for t, a in zip(types, expr.args):
+                    if t.kind != "int":
+                        self.error(f"cdiv needs integers; {format_expr(a)} is {_KIND_WORDS[t.kind]}",
+                                   a.pos)
+                return ANY
             if fn.name in ("pow2ceil", "pow2floor", "log2", "cdiv"):
                 return INT
             return INT if all(t.kind == "int" for t in types) else FLOAT
@@ -394,20 +401,26 @@ class _Checker:
                 self.error(f"both branches of 'if' must have one type; found "
                            f"{_KIND_WORDS[a.kind]} and {_KIND_WORDS[b.kind]}", expr.pos)
                 return ANY
+            if a.kind == "symbol":
+                return Type("symbol", tuple(dict.fromkeys((a.symbols or ()) + (b.symbols or ()))))
             return a
         return ANY
 
     def comparison(self, op, left, right, pos, features, lets, report_left=True) -> Type:
+        if op in ("==", "!=") and (_contextual(left, right, features) or _contextual(right, left, features)):
+            return BOOL  # `mask == causal`: the symbol causal, as selection reads it
         a = self.infer(left, features, lets)
         b = self.infer(right, features, lets)
         if op in ("==", "!=") and (a.kind == "symbol" or b.kind == "symbol"):
             if a.literal is not None and b.literal is not None:
                 self.resolved(a, left, features, lets)
                 return ANY
+            if a.literal is None and b.literal is None:  # no bare name: both sides typed
+                if a.kind == b.kind:
+                    return BOOL
+                return ANY if "any" in (a.kind, b.kind) else self._mismatch(a, b, left, right, pos)
             literal, other, node = (a, b, left) if a.literal is not None else (b, a, right)
             other_node = right if node is left else left
-            if literal.literal is None:  # two symbol-valued features or lets
-                return BOOL if other.kind == "symbol" else self._mismatch(a, b, pos)
             if other.kind != "symbol" or other.symbols is None:
                 if other.kind == "any":
                     return ANY
@@ -429,13 +442,14 @@ class _Checker:
         if op in ("==", "!="):
             if (a.numeric and b.numeric) or a.kind == b.kind:
                 return BOOL
-            return self._mismatch(a, b, pos)
+            return self._mismatch(a, b, left, right, pos)
         ok = self.expect(a, "num", f"'{op}'", left)
         ok = self.expect(b, "num", f"'{op}'", right) and ok
         return BOOL if ok else ANY
 
-    def _mismatch(self, a: Type, b: Type, pos) -> Type:
-        self.error(f"cannot compare {_KIND_WORDS[a.kind]} with {_KIND_WORDS[b.kind]}", pos)
+    def _mismatch(self, a: Type, b: Type, left, right, pos) -> Type:
+        self.error(f"cannot compare {_KIND_WORDS[a.kind]} with {_KIND_WORDS[b.kind]}: "
+                   f"{_short(left)} is {_describe(a)}; {_short(right)} is {_describe(b)}", pos)
         return ANY
 
     def expect(self, t: Type, want: str, what: str, node) -> bool:
@@ -448,6 +462,26 @@ class _Checker:
         wanted = "numbers" if want == "num" else "true/false"
         self.error(f"{what} needs {wanted}; this is {_KIND_WORDS[t.kind]}", node.pos)
         return False
+
+
+def _contextual(feature_node, other, features) -> bool:
+    """`other` is a name among the values of the symbol feature `feature_node` (selection
+    reads it as that symbol: evaluate.contextual_symbols)."""
+    if not (isinstance(feature_node, ast.Name) and isinstance(other, ast.Name)):
+        return False
+    f = features.get(feature_node.name)
+    return f is not None and f.type == "symbol" and other.name in f.symbols
+
+
+def _describe(t: Type) -> str:
+    if t.kind == "symbol" and t.symbols:
+        return f"a symbol ({', '.join(t.symbols)})"
+    return _KIND_WORDS[t.kind]
+
+
+def _short(expr) -> str:
+    text = format_expr(expr)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _as_param_value(value, schema: Param):
