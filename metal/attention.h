@@ -84,8 +84,9 @@ struct Scorer {
       s = softcap * metal::precise::tanh(s / softcap) * LOG2E;
     }
     if constexpr (MASK == MASK_ADDITIVE) {
-      // -inf in an additive mask hides the key like a boolean False
-      s = metal::max(s + static_cast<float>(mrow[int64_t(j) * mask_k]) * LOG2E, MASKED);
+      // Not clamped: -inf gives the key weight 0, and a row whose keys are all -inf ends
+      // with l = 0 and outputs 0/0 = NaN, as MLX's softmax does; NaN stays NaN.
+      s = s + static_cast<float>(mrow[int64_t(j) * mask_k]) * LOG2E;
     }
     if constexpr (MASK == MASK_BOOL) {
       if (!mrow[int64_t(j) * mask_k]) {
@@ -243,7 +244,8 @@ METAL_FUNC void attention_flash(PQ q, PK k, PV v, PM mask, PS sizes, PO out, thr
         MLX_MTL_PRAGMA_UNROLL
         for (int c = 0; c < 2; c++) {
           const int key = k0 + j * 8 + rc.x + c;
-          e[c] = key < z.Lk ? scorer.score(e[c], qi, key, mrow) : ABSENT;
+          // keys past Lk weigh 0 (exp2(-inf - m)), also in a row whose keys all score -inf
+          e[c] = key < z.Lk ? scorer.score(e[c], qi, key, mrow) : -INFINITY;
           block_max = metal::max(block_max, e[c]);
         }
       }

@@ -239,3 +239,134 @@ def test_cpu_matmul_propagates_like_mlx(config, dtype, case):
     bt = mx.array(np.ascontiguousarray(np.array(b.astype(mx.float32)).T)).astype(b.dtype)
     assert_same_specials(ke.matmul(a, bt, transpose_b=True, config=config), want, dtype,
                          f"{config.to_dsl()} {case} transpose_b")
+
+
+# ---- the Metal and CUDA kernels, in their emulators ----------------------------------
+#
+# Small calls (the emulators compile each kernel and run every GPU thread on the CPU):
+# one hand-picked configuration per family, run through the GPU op layer as a Mac or an
+# NVIDIA GPU would run it, only the launch emulated.
+
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="the emulators need g++")
+
+GPU_SHAPES = {"flash": dict(Lq=20, Lk=37, D=64), "decode": dict(Lq=2, Lk=37, D=64),
+              "decode_split": dict(Lq=1, Lk=70, D=64)}
+GPU_CASES = ["q_nan", "k_nan", "k_inf", "v_nan", "mask_nan", "mask_neginf_row", "causal_k_nan",
+             "bool_masked_row"]
+# every case in f16; the other dtypes on the cases that exercise the softmax state
+GPU_MATRIX = [(d, c) for d in DTYPES for c in GPU_CASES
+              if d == "f16" or c in ("k_nan", "k_inf", "mask_neginf_row")]
+
+METAL_ATTENTION = ["flash bq=16 bk=16 wm=2 wn=1 skip_masked_blocks=yes scale_at=q",
+                   "decode simdgroups=2 pack_gqa=yes scale_at=scores",
+                   "decode_split blocks=32 pack_gqa=yes scale_at=q"]
+CUDA_ATTENTION = ["flash bq=16 bk=16 warps=1 stages=2 skip_masked_blocks=yes scale_at=q pack_gqa=no kv_splits=1",
+                  "flash bq=16 bk=32 warps=1 stages=2 skip_masked_blocks=yes scale_at=scores pack_gqa=yes kv_splits=2",
+                  "decode warps=2 key_lanes=8 pack_gqa=yes scale_at=q",
+                  "decode_split blocks=4 warps=2 key_lanes=8 pack_gqa=yes scale_at=scores"]
+
+
+def _gpu_shape(config: str) -> dict:
+    family = config.split()[0]
+    if "kv_splits=2" in config:  # the tensor-core decode path
+        return GPU_SHAPES["decode"]
+    return GPU_SHAPES[family]
+
+
+def _run_gpu_attention(config: str, dtype: str, case: str):
+    from kernelevo.ops import gpu
+
+    shape = _gpu_shape(config)
+    q, k, v, mask = attention_inputs(case, dtype, **shape)
+    want = mlx_attention(q, k, v, 0.3, mask)
+    got = gpu.attention(q, k, v, scale=0.3, mask=mask, config=config)
+    assert_same_specials(got, want, dtype, f"{config} {case}")
+
+
+@pytest.fixture
+def metal(monkeypatch):
+    from metal_emulated import pretend_metal
+
+    return pretend_metal(monkeypatch, "m1")
+
+
+@pytest.fixture
+def cuda(monkeypatch):
+    from test_cuda_emulated import EmulatedLaunch
+    from kernelevo.ops import gpu
+
+    launch = EmulatedLaunch()
+    monkeypatch.setattr(gpu, "launch_kernel", launch)
+    monkeypatch.setattr(gpu, "require_gpu", lambda op: "cuda")
+    real_detect = chips.detect
+    h100 = chips.from_id("nvidia-h100")
+    monkeypatch.setattr(chips, "detect", lambda backend="cpu": h100 if backend == "cuda" else real_detect(backend))
+    return launch
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype,case", GPU_MATRIX)
+@pytest.mark.parametrize("config", METAL_ATTENTION, ids=lambda c: c.split()[0])
+def test_metal_attention_propagates_like_mlx(metal, config, dtype, case):
+    _run_gpu_attention(config, dtype, case)
+    assert metal.launched
+
+
+def _cuda_dtypes_fit(config: str, dtype: str) -> bool:
+    """CUDA's flash, gemm and splitk kernels run on tensor cores: f16 and bf16 only."""
+    return dtype != "f32" or config.split()[0] not in ("flash", "gemm", "splitk")
+
+
+@needs_gxx
+@pytest.mark.parametrize("config,dtype,case",
+                         [(c, d, x) for c in CUDA_ATTENTION for d, x in GPU_MATRIX if _cuda_dtypes_fit(c, d)]
+                         + [(c, "bf16", x) for c in CUDA_ATTENTION for x in GPU_CASES
+                            if not _cuda_dtypes_fit(c, "f32") and x not in ("k_nan", "k_inf", "mask_neginf_row")],
+                         ids=lambda x: x.split()[0] + ("-tc" if "kv_splits=2" in x else "") if " " in x else x)
+def test_cuda_attention_propagates_like_mlx(cuda, config, dtype, case):
+    _run_gpu_attention(config, dtype, case)
+    assert cuda.launched
+
+
+METAL_MATMUL = ["gemm bm=32 bn=32 bk=16 wm=2 wn=2 swizzle=0 epilogue=fused",
+                "splitk bm=16 bn=32 bk=16 wm=2 wn=2 parts=4",
+                "gemv bm=1 bn=16 sm=8 sn=4 tm=4 tn=4",
+                "gemv_wide vecs=4 lanes=32 split_passes=yes"]
+CUDA_MATMUL = ["gemm bm=32 bn=32 bk=16 wm=1 wn=2 stages=2 swizzle=0 epilogue=fused",
+               "splitk bm=32 bn=32 bk=16 wm=1 wn=2 stages=2 parts=4 epilogue=fused",
+               "gemv warps=2 rows=2 vec=4 epilogue=fused"]
+GPU_MM_CASES = ["a_nan", "b_neginf", "zero_row_times_inf", "inf_minus_inf"]
+
+
+def _run_gpu_matmul(config: str, dtype: str, case: str):
+    from kernelevo.ops import gpu
+
+    M, N, K = {"gemv": (1, 40, 64), "gemv_wide": (4, 40, 64)}.get(config.split()[0], (20, 24, 64))
+    a, b = matmul_inputs(case, dtype, M, N, K)
+    want = mx.matmul(a, b)
+    if config.startswith("gemv_wide"):  # a weight stored [N, K]
+        bt = mx.array(np.ascontiguousarray(np.array(b.astype(mx.float32)).T)).astype(b.dtype)
+        got = gpu.matmul(a, bt, transpose_b=True, config=config)
+    else:
+        got = gpu.matmul(a, b, config=config)
+    assert_same_specials(got, want, dtype, f"{config} {case}")
+
+
+@needs_gxx
+@pytest.mark.parametrize("case", GPU_MM_CASES)
+@pytest.mark.parametrize("config,dtype", [(c, d) for c in METAL_MATMUL for d in ("f16", "f32", "bf16")
+                                          if (d == "f32") != c.startswith("gemv_wide") or d == "f16"],
+                         ids=lambda x: x.split()[0] if " " in x else x)
+def test_metal_matmul_propagates_like_mlx(metal, config, dtype, case):
+    _run_gpu_matmul(config, dtype, case)
+    assert metal.launched
+
+
+@needs_gxx
+@pytest.mark.parametrize("case", GPU_MM_CASES)
+@pytest.mark.parametrize("config,dtype", [(c, d) for c in CUDA_MATMUL for d in ("bf16", "f16", "f32")
+                                          if _cuda_dtypes_fit(c, d)],
+                         ids=lambda x: x.split()[0] if " " in x else x)
+def test_cuda_matmul_propagates_like_mlx(cuda, config, dtype, case):
+    _run_gpu_matmul(config, dtype, case)
+    assert cuda.launched
