@@ -123,3 +123,47 @@ def test_the_property_generator_reaches_accepted_programs():
         text = _program(condition, ("lt = M // 2", "lf = not transpose_a"))
         assert _errors(text) == [], condition
         CompiledProgram(parse(text), text, "t.kevo", CPU).select("matmul", matmul_features(5, 6, 7))
+
+
+# -- 3. the CLI on files it cannot read -------------------------------------------------------
+
+def _cli(*args, cwd=None):
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "kernelevo"  # the installed console script
+    return subprocess.run([str(script), *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def _one_clear_line(result, *words):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["check", "fmt"])
+def test_a_file_that_is_not_utf8_is_one_line_not_a_traceback(tmp_path, command):
+    bad = tmp_path / "latin1.kevo"
+    bad.write_bytes("kevo 1\n# café\n".encode("latin-1"))
+    _one_clear_line(_cli(command, str(bad)), str(bad), "not UTF-8", "0xe9")
+
+
+def test_fmt_of_a_missing_file_is_one_line(tmp_path):
+    _one_clear_line(_cli("fmt", str(tmp_path / "nope.kevo")), "nope.kevo", "no such file")
+
+
+def test_check_of_a_missing_file_names_the_shipped_file_for_this_chip(tmp_path):
+    from kernelevo.heuristics import find_source
+
+    backend = chips.default_backend()
+    shipped = find_source(backend, chips.detect(backend), include_tuned=False).path
+    line = _one_clear_line(_cli("check", str(tmp_path / "my.kevo")), "my.kevo", "no such file",
+                           str(shipped))
+    assert "cp " in line

@@ -204,15 +204,37 @@ def check(files: list[Path] = typer.Argument(..., help=".kevo files")):
     """Check .kevo files: syntax, names, types, families, parameters, constraints, reachability."""
     from .dsl import DSLError, check as check_program, parse
 
+    def read(path: Path) -> str:
+        """The file's text, or one line saying why not (no traceback)."""
+        try:
+            return path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            hint = ""
+            try:
+                from . import chips as chips_mod
+                from .heuristics import find_source
+
+                backend = chips_mod.default_backend()
+                chip = chips_mod.detect(backend)
+                shipped = find_source(backend, chip, include_tuned=False).path
+                hint = (f"; start from the shipped heuristics for this machine's chip ({chip.id}): "
+                        f"cp {shipped} {path}")
+            except Exception:  # noqa: BLE001 — a hint is a courtesy; the error stands alone
+                pass
+            _fail(f"{path}: no such file{hint}")
+        except UnicodeDecodeError as error:
+            _fail(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                  f"{error.start}); .kevo files are UTF-8")
+        except OSError as error:
+            _fail(f"{path}: {error.strerror or error}")
+
     failed = False
     for path in files:
+        text = read(path)
         try:
-            text = path.read_text(encoding="utf-8")
             diagnostics = check_program(parse(text, str(path)), text, str(path))
         except DSLError as error:
             diagnostics = error.diagnostics
-        except OSError as error:
-            _fail(f"{path}: {error.strerror}")
         for d in diagnostics:
             print(d.render(), file=sys.stderr)
         errors = [d for d in diagnostics if d.severity == "error"]
@@ -232,7 +254,15 @@ def fmt(files: list[Path] = typer.Argument(..., help=".kevo files"),
 
     changed = False
     for path in files:
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            _fail(f"{path}: no such file")
+        except UnicodeDecodeError as error:
+            _fail(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                  f"{error.start}); .kevo files are UTF-8")
+        except OSError as error:
+            _fail(f"{path}: {error.strerror or error}")
         try:
             canonical = format_program(parse(text, str(path)))
         except DSLError as error:
