@@ -105,6 +105,7 @@ def explain(op: str = typer.Argument(..., help="matmul or attention"),
     from .dsl import DSLError
     from .features import attention_features, matmul_features
     from .ops import _runtime
+    from .tune.workloads import check_size
 
     try:
         target = chips_mod.from_id(chip) if chip else None
@@ -114,18 +115,27 @@ def explain(op: str = typer.Argument(..., help="matmul or attention"),
             if shape is None:
                 _fail("explain matmul needs --shape MxNxK", 2)
             M, N, K = _parse_shape(shape)
+            for name, value in (("M", M), ("N", N), ("K", K), ("--batch", batch)):
+                check_size(name, value)
             features = matmul_features(M, N, K, batch=batch, dtype=dtype, transpose_a=transpose_a,
                                        transpose_b=transpose_b)
         elif op == "attention":
             if q_len is None or kv_len is None:
                 _fail("explain attention needs --q-len and --kv-len", 2)
+            for name, value in (("--batch", batch), ("--heads", heads), ("--kv-heads", kv_heads or heads),
+                                ("--q-len", q_len), ("--kv-len", kv_len), ("--head-dim", head_dim)):
+                check_size(name, value)
+            check_size("--window", window, zero=True)
             features = attention_features(batch=batch, heads=heads, kv_heads=kv_heads or heads,
                                           q_len=q_len, kv_len=kv_len, head_dim=head_dim,
                                           dtype=dtype, mask=mask, softcap=softcap, window=window)
         else:
             _fail(f"explain knows matmul and attention, not {op!r}", 2)
         e = _runtime.explain(op, features, backend, target)
-    except (DSLError, ValueError, KeyError) as error:
+    except DSLError as error:  # diagnostics with line:column and a caret, as `check` prints them
+        print(error, file=sys.stderr)
+        raise typer.Exit(1)
+    except (ValueError, KeyError) as error:
         _fail(str(error))
     s = e.selection
     shown = " ".join(f"{k}={'yes' if v is True else 'no' if v is False else v}" for k, v in features.items())

@@ -59,6 +59,10 @@ def _positive_int(name: str, value, *, zero: bool = False) -> int:
     return value
 
 
+#: a size of a call: a positive integer (non-negative with zero=True) of at most MAX_DIM
+check_size = _positive_int
+
+
 def _elements(what: str, *dims: int) -> None:
     n = 1
     for d in dims:
@@ -476,10 +480,10 @@ def shape_from_entry(entry) -> tuple[str, Shape]:
                          f"\"K\": 4096}}, got {_kind(entry)}")
     entry = dict(entry)
     op = entry.pop("op", "matmul")
-    if op not in SHAPE_FIELDS:
+    if not isinstance(op, str) or op not in SHAPE_FIELDS:
         raise ValueError(f"op must be \"matmul\" or \"attention\", got {_shown(op, say_string=False)}")
     split = entry.pop("split", "train")
-    if split not in ("train", "held-out"):
+    if not isinstance(split, str) or split not in ("train", "held-out"):
         raise ValueError(f"split must be \"train\" or \"held-out\", got {_shown(split, say_string=False)}")
     label = entry.pop("label", "")
     if not isinstance(label, str):
