@@ -152,6 +152,7 @@ def test_head_dims_with_default_heuristics(rng, D, dtype):
 
 @pytest.mark.parametrize("config", CONFIGS + AMX_CONFIGS, ids=lambda c: c.name)
 def test_fully_masked_rows_output_the_mean_of_v(rng, config):
+    """A boolean mask hiding every key of a row: the mean of v (MLX's output)."""
     Lq = 5 if config.family != "flash" else 21
     dtype = "bf16" if config.as_dict().get("dot") == "amx" else "f32"
     q, k, v = inputs(rng, dtype, 1, 2, 1, Lq, 19, 16)
@@ -160,13 +161,21 @@ def test_fully_masked_rows_output_the_mean_of_v(rng, config):
     bool_mask = mx.array(visible)
     additive = mx.array(np.where(visible, 0.0, -np.inf).astype(np.float32)).astype(MX[dtype])
     mean_v = f64(v).mean(axis=2)[0, 0]
-    for m in (bool_mask, additive):
-        out = ke.attention(q, k, v, scale=0.25, mask=m, config=config)
-        got = f64(out)
-        assert np.all(np.isfinite(got))
-        np.testing.assert_allclose(got[0, :, 1], np.broadcast_to(mean_v, (2, 16)),
-                                   atol=TOL[dtype] * np.abs(mean_v).max())
-        assert relative_error(out, reference(q, k, v, 0.25, m)) < TOL[dtype]
+    out = ke.attention(q, k, v, scale=0.25, mask=bool_mask, config=config)
+    got = f64(out)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got[0, :, 1], np.broadcast_to(mean_v, (2, 16)),
+                               atol=TOL[dtype] * np.abs(mean_v).max())
+    assert relative_error(out, reference(q, k, v, 0.25, bool_mask)) < TOL[dtype]
+    # An additive mask that is -inf on every key of a row makes the row NaN, as in MLX
+    # (exp(-inf - -inf)); the other rows are as with the boolean mask.
+    got = f64(ke.attention(q, k, v, scale=0.25, mask=additive, config=config))
+    assert np.all(np.isnan(got[0, :, 1]))
+    rows = [r for r in range(Lq) if r != 1]
+    ref = reference(q, k, v, 0.25, additive)
+    assert relative_error(got[:, :, rows], ref[:, :, rows]) < TOL[dtype]
+    mlx_additive = f64(mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=additive))
+    assert np.all(np.isnan(mlx_additive[0, :, 1]))
     # MLX outputs the same for a fully masked boolean row
     expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=bool_mask)
     assert relative_error(ke.attention(q, k, v, scale=0.25, mask=bool_mask, config=config),
