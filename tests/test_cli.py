@@ -53,8 +53,8 @@ def test_explain_matmul_here_and_attention_on_a_named_chip():
     result = run("explain", "attention", "--q-len", "1", "--kv-len", "8192", "--heads", "32",
                  "--kv-heads", "8", "--chip", "apple-m3-pro")
     assert result.returncode == 0, result.stderr
-    assert "apple-pro.kevo" in result.stdout
-    assert "config   decode_split blocks=64 pack_gqa=yes scale_at=q" in result.stdout
+    # untuned, a Mac runs MLX's own op (kernelevo's Metal kernels are untimed on Apple GPUs)
+    assert "apple-pro.kevo" in result.stdout and "config   mlx" in result.stdout
 
 
 def test_explain_errors_are_clear():
