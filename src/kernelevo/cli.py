@@ -443,8 +443,8 @@ def tune(chip: str = typer.Option("auto", help="'auto' (this machine's chip) or 
           f"{result.elapsed_s:.0f} s")
     if time_budget is not None:
         print(f"time budget {time_budget:g} s: the training shapes, baselines included, took "
-              f"{result.tuning_s:.0f} s; judging the rules on held-out shapes and re-timing them took "
-              f"{max(result.elapsed_s - result.tuning_s, 0):.0f} s more")
+              f"{result.tuning_s:.0f} s; what follows it (judging rules on the held-out shapes, re-timing "
+              f"them in fresh workers) took {max(result.elapsed_s - result.tuning_s, 0):.0f} s more")
     _print_load(result.loaded, result.measured + result.reused, result.watched)
     rules = result.distilled.rules if result.distilled else []
     print(f"{len(rules)} rule(s) written, each re-timed in fresh workers; {len(result.dropped)} not written:")

@@ -237,9 +237,10 @@ class Tuner:
                     else:
                         result.shapes.append(tuned)
                         best = tuned.best
-                        self.announce(f"      {len(tuned.search)} searched, "
-                                      + (f"best confirmed {1 / best[1]:.2f}x the shipped choice: {best[0]}"
-                                         if best else "none confirmed faster than the shipped choice"))
+                        self.announce(f"      {len(tuned.search)} searched; "
+                                      + (f"confirmed {1 / best[1]:.2f}x faster than the shipped choice: "
+                                         f"{best[0]}" if best and best[1] < 1.0 else
+                                         "none confirmed faster than the shipped choice"))
                 self._cross_time(result.shapes)
                 result.tuning_s = time.perf_counter() - self._started
                 if held_out:
