@@ -167,3 +167,159 @@ def test_check_of_a_missing_file_names_the_shipped_file_for_this_chip(tmp_path):
     line = _one_clear_line(_cli("check", str(tmp_path / "my.kevo")), "my.kevo", "no such file",
                            str(shipped))
     assert "cp " in line
+
+
+# -- 2. scale: linear in the program's size -------------------------------------------------
+
+CONFIG = ("gemm mc=96 nc=512 kc=256 mr=6 nr=16 threads=chip.cores split=m engine=fma "
+          "pack_a=yes epilogue=fused")
+
+
+def tuned_like(rules: int) -> str:
+    """A program shaped like a large tuned file: one rule per measured shape."""
+    out = ["# tuned for cpu-avx2 by a test", "kevo 1", "target cpu", "chips cpu-avx2-* cpu-avx512-*",
+           "", "matmul {"]
+    dtypes = ("f32", "f16", "bf16")
+    for i in range(rules):
+        m, n, k = 1 + (i * 7) % 4096, 64 * (1 + i % 97), 32 * (1 + (i // 3) % 211)
+        out.append(f"  when M <= {m} and N == {n} and K >= {k} and dtype == {dtypes[i % 3]} "
+                   f"{{ {CONFIG} }}")
+    out += [f"  else {{ {CONFIG} }}", "}"]
+    return "\n".join(out) + "\n"
+
+
+def _phases(text: str) -> dict[str, float]:
+    from kernelevo.dsl import format_program
+
+    times = {}
+    t = time.perf_counter()
+    program = parse(text, "tuned.kevo")
+    times["parse"] = time.perf_counter() - t
+    t = time.perf_counter()
+    assert [d for d in check(program, text, "tuned.kevo") if d.severity == "error"] == []
+    times["check"] = time.perf_counter() - t
+    t = time.perf_counter()
+    assert format_program(program).count("when ") == text.count("when ")
+    times["fmt"] = time.perf_counter() - t
+    t = time.perf_counter()
+    compiled = CompiledProgram(program, text, "tuned.kevo", CPU)
+    # a call no rule matches: the first selection passes every rule
+    selection = compiled.select("matmul", matmul_features(5000, 4096, 4096))
+    times["load+first selection"] = time.perf_counter() - t
+    assert selection.rule_text == "else"
+    return times
+
+
+def test_parse_check_format_and_first_selection_grow_linearly():
+    small, big = 500, 4000  # 8x the rules
+    small_text, big_text = tuned_like(small), tuned_like(big)
+    t_small = {}
+    for _ in range(3):  # the fastest of three: a loaded machine only ever adds time
+        for phase, seconds in _phases(small_text).items():
+            t_small[phase] = min(t_small.get(phase, seconds), seconds)
+    t_big = _phases(big_text)
+    for phase, seconds in t_big.items():
+        # linear is 8x; quadratic 64x. Allow 3x the size ratio for noise and caches.
+        bound = 3 * (big / small) * max(t_small[phase], 0.02)
+        assert seconds < bound, (phase, seconds, t_small[phase], t_big, t_small)
+
+
+def test_the_duplicate_condition_check_does_not_compare_rule_pairs():
+    """Counts equality tests between conditions: a pass over earlier rules made n²/2."""
+    text = tuned_like(300)
+    program = parse(text)
+    calls = 0
+    original = ast.Binary.__eq__
+
+    def counting(self, other):
+        nonlocal calls
+        calls += 1
+        return original(self, other)
+
+    ast.Binary.__eq__ = counting
+    try:
+        check(program, text, "tuned.kevo")
+    finally:
+        ast.Binary.__eq__ = original
+    assert calls < 5 * 300, calls  # was 300 * 299 / 2 = 44850
+
+
+# -- the fast parser agrees with Lark's, positions included -----------------------------------
+
+def _fields(node, out, where="program"):
+    import dataclasses
+
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            _fields(getattr(node, f.name), out, f"{where}.{f.name}")
+    elif isinstance(node, tuple):
+        for i, child in enumerate(node):
+            _fields(child, out, f"{where}[{i}]")
+    else:
+        out.append((where, node))
+    return out
+
+
+def _agree(text: str) -> bool:
+    """True when the fast parser takes the text and builds exactly Lark's AST; False when
+    it leaves the text to Lark."""
+    from kernelevo.dsl import fastparse, parser
+
+    try:
+        fast = fastparse.parse_program(text)
+    except fastparse.Fallback:
+        return False
+    lark = parser._build(parser._parse_tree(text, "t", "start"), text, "t")
+    assert _fields(fast, []) == _fields(lark, []), text
+    return True
+
+
+EDGE_CASES = [
+    "kevo 1\n",
+    "kevo 0x1\ntarget metal  # c\nchips apple-m3* apple-m[34]-pro # c\n\n  # c\nmatmul { else { g } }",
+    "kevo 1 target cpu chips a b matmul { when (M) == ((N)) { g a=(1) } else { g } }",
+    "kevo 1\nmatmul {\n  let x = -(-M)\n  when not not (x > 1 if yes else no) and M not in {1, (2)} {\n"
+    "    g a = min((M), chip.cores) b=f() c=1.5e3\n  }\n  else { g }\n}\n",
+    "kevo 1\nattention { when mask == causal or q_len // 2 << 1 >= kv_len % 3 { d } else { d } }",
+    "kevo 1\nmatmul-x { else { g } }",        # not a section name: Lark decides
+    "kevo 1\nmatmul { when if > 1 { g } else { g } }",  # a keyword as a name: Lark decides
+    "kevo 1\nmatmul { when 1 < 2 < 3 { g } else { g } }",  # a syntax error: Lark reports it
+    "kevo 1\nmatmul { when " + "-" * 300 + "M > 1 { g } else { g } }",  # deep: Lark decides
+    "kevo 1\nmatmul { when " + " + ".join(["M"] * 150) + " > 1 { g } else { g } }",
+]
+
+
+@pytest.mark.parametrize("text", EDGE_CASES)
+def test_the_fast_parser_agrees_with_lark_on_edge_cases(text):
+    from kernelevo.dsl import parser
+
+    _agree(text)
+    try:
+        expected = parser._build(parser._parse_tree(text, "t", "start"), text, "t")
+    except DSLError as error:
+        with pytest.raises(DSLError) as raised:
+            parse(text, "t")
+        assert str(raised.value) == str(error)  # the same message, from Lark
+    else:
+        assert _fields(parse(text, "t"), []) == _fields(parser._attach_comments(
+            expected, parser._comments(text), text), [])
+
+
+def test_the_fast_parser_takes_every_shipped_file_and_a_tuned_one():
+    from kernelevo.paths import shipped_heuristics_dir
+
+    for path in sorted(shipped_heuristics_dir().glob("*.kevo")):
+        assert _agree(path.read_text()), path
+    assert _agree(tuned_like(50))
+
+
+from test_dsl_properties import damaged, programs  # noqa: E402 — the existing generators
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(programs, damaged())
+def test_the_fast_parser_agrees_with_lark_on_random_and_damaged_programs(program, broken):
+    from kernelevo.dsl import format_program
+
+    _agree(format_program(program))
+    _agree(broken)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: half the objects of a large program
 class Pos:
     line: int = 0
     column: int = 0
@@ -28,19 +28,19 @@ def _pos() -> Pos:
 # -- expressions -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: half the objects of a large program
 class Num:
     value: int | float
     pos: Pos = _pos()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: half the objects of a large program
 class Bool:
     value: bool
     pos: Pos = _pos()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: half the objects of a large program
 class Name:
     """A feature, a let binding, or a symbol (f16, causal, m, ...) — resolved by context."""
 
@@ -48,7 +48,7 @@ class Name:
     pos: Pos = _pos()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: half the objects of a large program
 class Attr:
     """`chip.cores`: a fact about the chip."""
 
@@ -57,14 +57,14 @@ class Attr:
     pos: Pos = _pos()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: half the objects of a large program
 class Unary:
     op: str  # "-" or "not"
     operand: Expr
     pos: Pos = _pos()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: half the objects of a large program
 class Binary:
     op: str  # + - * / // % << >> and or
     left: Expr
@@ -72,7 +72,7 @@ class Binary:
     pos: Pos = _pos()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: half the objects of a large program
 class Compare:
     op: str  # == != < <= > >=
     left: Expr
@@ -80,7 +80,7 @@ class Compare:
     pos: Pos = _pos()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: half the objects of a large program
 class InSet:
     value: Expr
     items: tuple[Expr, ...]
@@ -88,14 +88,14 @@ class InSet:
     pos: Pos = _pos()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: half the objects of a large program
 class Call:
     func: str
     args: tuple[Expr, ...]
     pos: Pos = _pos()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: half the objects of a large program
 class Cond:
     """`then if test else otherwise`"""
 
@@ -111,7 +111,7 @@ Expr = Union[Num, Bool, Name, Attr, Unary, Binary, Compare, InSet, Call, Cond]
 # -- statements ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: half the objects of a large program
 class Comments:
     """Comment lines before an item, and a comment at the end of its last line."""
 
@@ -123,21 +123,21 @@ class Comments:
 NO_COMMENTS = Comments()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: half the objects of a large program
 class Param:
     name: str
     value: Expr
     pos: Pos = _pos()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: half the objects of a large program
 class ConfigSpec:
     family: str
     params: tuple[Param, ...]
     pos: Pos = _pos()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: half the objects of a large program
 class Let:
     name: str
     value: Expr
@@ -145,7 +145,7 @@ class Let:
     pos: Pos = _pos()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: half the objects of a large program
 class Rule:
     """`when <condition> { config }`, or `else { config }` when condition is None."""
 
@@ -162,7 +162,7 @@ class Rule:
 Item = Union[Let, Rule]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: half the objects of a large program
 class Section:
     op: str
     items: tuple[Item, ...]
@@ -179,7 +179,7 @@ class Section:
         return tuple(i for i in self.items if isinstance(i, Rule))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: half the objects of a large program
 class Program:
     version: int
     target: str | None

@@ -19,6 +19,7 @@ from ..features import OP_FEATURES, Feature
 from . import ast
 from .errors import Diagnostic
 from .evaluate import FUNCTIONS, EvalError, partial_truth, try_constant
+from .fastparse import paused_gc
 from .formatter import format_expr
 
 SUPPORTED_VERSION = 1
@@ -139,6 +140,7 @@ class _Checker:
         earlier: dict[ast.Expr, ast.Rule] = {}  # condition -> first rule with it
         always: ast.Rule | None = None
         reachable = {chip.id: True for chip in chips}  # has no earlier rule matched always?
+        clean_configs: set[tuple] = set()
         for item in section.items:
             if isinstance(item, ast.Let):
                 if seen_rule:
@@ -165,7 +167,15 @@ class _Checker:
             if backend is not None:
                 # Constraints are checked for each kind of chip that can reach the rule.
                 for_chips = [c for c in chips if reachable[c.id] and self._possible(item, c, features, lets)]
-                self.config(item.config, section.op, backend, for_chips, features, lets)
+                # A tuned file repeats a few configurations thousands of times: one that
+                # checked clean for these chips is clean again (errors are always re-found,
+                # so each is reported where it is).
+                key = (item.config, tuple(c.id for c in for_chips), len(lets))
+                if key not in clean_configs:
+                    errors_before = len(self.diagnostics)
+                    self.config(item.config, section.op, backend, for_chips, features, lets)
+                    if len(self.diagnostics) == errors_before:
+                        clean_configs.add(key)
                 for c in for_chips:
                     if item.is_else or self._certain(item, c, features, lets):
                         reachable[c.id] = False
@@ -506,5 +516,6 @@ def check(program: ast.Program, text: str, path: str = "<string>",
     """All diagnostics for a parsed program. With a chip, constraints are checked with its
     facts; otherwise for each kind of chip the file's `chips` line covers, on the rules
     that kind of chip can reach."""
-    return _Checker(program, text, path, chip).run()
+    with paused_gc():  # linear in the program's size (see fastparse.paused_gc)
+        return _Checker(program, text, path, chip).run()
 

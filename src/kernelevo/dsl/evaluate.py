@@ -7,6 +7,7 @@ Integers stay within 64 bits, so no expression can exhaust memory or time.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
@@ -299,13 +300,18 @@ def _arity(fn: Function) -> str:
     return f"{fn.min_args} to {fn.max_args} arguments"
 
 
+@lru_cache(maxsize=None)
+def _symbol_sets(op: str) -> dict[str, frozenset[str]]:
+    from ..features import OP_FEATURES
+
+    return {f.name: frozenset(f.symbols) for f in OP_FEATURES[op] if f.type == "symbol"}
+
+
 def contextual_symbols(expr: ast.Expr, op: str) -> set[int]:
     """The Name nodes that stand for a symbol because of where they are, although a feature
     has the same name: `mask == causal` compares the mask kind with the symbol `causal`, not
     with the boolean feature `causal` (as the checker reads it). Returned as node ids."""
-    from ..features import OP_FEATURES
-
-    symbol_sets = {f.name: set(f.symbols) for f in OP_FEATURES[op] if f.type == "symbol"}
+    symbol_sets = _symbol_sets(op)
     found: set[int] = set()
 
     def mark(feature: ast.Expr, other: ast.Expr) -> None:

@@ -4,6 +4,7 @@ parse(format(p)) == p and format is idempotent."""
 from __future__ import annotations
 
 from . import ast
+from .fastparse import paused_gc
 
 INDENT = "  "
 MAX_RULE_WIDTH = 100
@@ -85,6 +86,11 @@ def _item(item: ast.Item, out: list[str], first: bool) -> None:
 
 
 def format_program(program: ast.Program) -> str:
+    with paused_gc():  # linear in the program's size (see fastparse.paused_gc)
+        return _format_program(program)
+
+
+def _format_program(program: ast.Program) -> str:
     out: list[str] = list(program.comments.before)
     out.append(_with_after(f"kevo {program.version}", program.comments))
     if program.target is not None:

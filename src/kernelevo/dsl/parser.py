@@ -11,7 +11,7 @@ from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 from lark.lexer import PatternStr
 
-from . import ast
+from . import ast, fastparse
 from .errors import Diagnostic, DSLError, source_line
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -312,8 +312,12 @@ def _parse_tree(text: str, path: str, start: str) -> Tree:
 def parse(text: str, path: str | Path = "<string>") -> ast.Program:
     """Parses a whole .kevo program (syntax only: `check` validates its meaning)."""
     path = str(path)
-    program = _build(_parse_tree(text, path, "start"), text, path)
-    return _attach_comments(program, _comments(text), text)
+    try:
+        program = fastparse.parse_program(text)  # well-formed files, in linear time
+    except fastparse.Fallback:  # anything else: Lark's parser and its messages decide
+        program = _build(_parse_tree(text, path, "start"), text, path)
+    with fastparse.paused_gc():
+        return _attach_comments(program, _comments(text), text)
 
 
 def parse_config(text: str) -> tuple[str, dict]:
@@ -342,16 +346,20 @@ def parse_expression(text: str, path: str = "<expression>") -> ast.Expr:
 def _attach_comments(program: ast.Program, tokens: list[_Comment], text: str) -> ast.Program:
     pending = sorted(tokens, key=lambda t: (t.line, t.column))
     lines = text.splitlines()
+    next_index = 0  # pending[next_index:] are not attached yet (no pop(0): linear time)
 
     def before(line: int) -> tuple[str, ...]:
-        taken = []
-        while pending and pending[0].line < line:
-            taken.append(pending.pop(0).value)
-        return tuple(taken)
+        nonlocal next_index
+        start = next_index
+        while next_index < len(pending) and pending[next_index].line < line:
+            next_index += 1
+        return tuple(t.value for t in pending[start:next_index])
 
     def on_line(line: int) -> str | None:
-        if pending and pending[0].line == line:
-            return pending.pop(0).value
+        nonlocal next_index
+        if next_index < len(pending) and pending[next_index].line == line:
+            next_index += 1
+            return pending[next_index - 1].value
         return None
 
     def blank_before(start_line: int, n_comments: int) -> bool:
@@ -371,7 +379,10 @@ def _attach_comments(program: ast.Program, tokens: list[_Comment], text: str) ->
         opening = on_line(section.pos.line)
         items = []
         for item in section.items:
-            items.append(dataclasses.replace(item, comments=comments_for(item.pos)))
+            found = comments_for(item.pos)
+            # most items of a tuned file have none: keep the item (no copy)
+            items.append(item if found == item.comments and not found.blank_line_before
+                         else dataclasses.replace(item, comments=found))
         trailing = before(section.pos.end_line)
         closing = on_line(section.pos.end_line)
         if closing:
@@ -379,5 +390,5 @@ def _attach_comments(program: ast.Program, tokens: list[_Comment], text: str) ->
         sections.append(dataclasses.replace(
             section, items=tuple(items), trailing=trailing,
             comments=ast.Comments(lead, opening, blank_before(section.pos.line, len(lead)))))
-    rest = tuple(t.value for t in pending)
+    rest = tuple(t.value for t in pending[next_index:])
     return dataclasses.replace(program, sections=tuple(sections), comments=header, trailing=rest)

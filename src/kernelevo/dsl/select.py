@@ -17,6 +17,7 @@ from ..features import OP_FEATURES
 from . import ast
 from .checker import check
 from .errors import Diagnostic, DSLError, source_line
+from .fastparse import paused_gc
 from .evaluate import Env, EvalError, Value, compile_expr, contextual_symbols
 from .formatter import format_expr
 
@@ -31,51 +32,60 @@ class Selection:
     path: str
 
 
-@dataclass
 class _CompiledRule:
-    rule: ast.Rule
-    number: int
-    condition: Callable[[Env], Value] | None
-    family: Family
-    params: list[tuple[ast.Param, Callable[[Env], Value]]]
+    """A rule, compiled when selection first reaches it (a tuned file has tens of
+    thousands of rules; a call reads only those before the one that matches)."""
+
+    __slots__ = ("rule", "number", "family", "_resolve", "_condition", "_params")
+
+    def __init__(self, rule: ast.Rule, number: int, family: Family, resolve):
+        self.rule, self.number, self.family, self._resolve = rule, number, family, resolve
+        self._condition = self._params = None
+
+    @property
+    def condition(self) -> Callable[[Env], Value] | None:
+        if self._condition is None and self.rule.condition is not None:
+            self._condition = self._resolve(self.rule.condition)
+        return self._condition
+
+    @property
+    def params(self) -> list[tuple[ast.Param, Callable[[Env], Value]]]:
+        if self._params is None:
+            self._params = [(p, self._resolve(p.value)) for p in self.rule.config.params]
+        return self._params
 
 
 class CompiledSection:
     def __init__(self, program: ast.Program, section: ast.Section, text: str, path: str,
                  chip: Chip):
-        self.op = section.op
+        self.op = op = section.op
         self.text, self.path, self.chip = text, path, chip
         feature_names = {f.name for f in OP_FEATURES[section.op]}
         let_names = {let.name for let in section.lets}
-        symbols: set[int] = set()
-        for item in section.items:
-            for expr in ([item.value] if isinstance(item, ast.Let) else
-                         ([item.condition] if item.condition is not None else [])
-                         + [p.value for p in item.config.params]):
-                symbols |= contextual_symbols(expr, section.op)
 
-        def resolve(name: ast.Name):
-            key = name.name
-            if id(name) in symbols:  # `mask == causal`: the symbol, not the feature
-                return lambda env: key
-            if key in feature_names:
-                return lambda env: env.features[key]
-            if key in let_names:
-                return lambda env: env.let(key)
-            return lambda env: key  # a symbol: the checker has vetted it
+        def compile_one(expr: ast.Expr) -> Callable[[Env], Value]:
+            symbols = contextual_symbols(expr, op)
 
-        try:
-            self.lets = {let.name: compile_expr(let.value, resolve) for let in section.lets}
-            self.rules = []
-            for number, rule in enumerate(section.rules, start=1):
-                fam = family(section.op, program.target, rule.config.family)
-                assert fam is not None, "selection needs a checked program"
-                self.rules.append(_CompiledRule(
-                    rule, number,
-                    None if rule.condition is None else compile_expr(rule.condition, resolve),
-                    fam, [(p, compile_expr(p.value, resolve)) for p in rule.config.params]))
-        except EvalError as err:
-            raise err.to_dsl_error(text, path) from None
+            def resolve(name: ast.Name):
+                key = name.name
+                if id(name) in symbols:  # `mask == causal`: the symbol, not the feature
+                    return lambda env: key
+                if key in feature_names:
+                    return lambda env: env.features[key]
+                if key in let_names:
+                    return lambda env: env.let(key)
+                return lambda env: key  # a symbol: the checker has vetted it
+            try:
+                return compile_expr(expr, resolve)
+            except EvalError as err:
+                raise err.to_dsl_error(text, path) from None
+
+        self.lets = {let.name: compile_one(let.value) for let in section.lets}
+        self.rules = []
+        for number, rule in enumerate(section.rules, start=1):
+            fam = family(section.op, program.target, rule.config.family)
+            assert fam is not None, "selection needs a checked program"
+            self.rules.append(_CompiledRule(rule, number, fam, compile_one))
 
     def _error(self, message: str, pos: ast.Pos) -> DSLError:
         return DSLError(Diagnostic(message, max(1, pos.line), max(1, pos.column), path=self.path,
@@ -83,6 +93,10 @@ class CompiledSection:
 
     def select(self, features: Mapping[str, Value]) -> Selection:
         env = Env(features, self.chip, self.lets)
+        with paused_gc():  # the first calls compile the rules they pass
+            return self._select(env)
+
+    def _select(self, env: Env) -> Selection:
         try:
             for compiled in self.rules:
                 if compiled.condition is not None:
@@ -123,12 +137,13 @@ class CompiledProgram:
     """A checked program ready to select, with a per-feature-key cache."""
 
     def __init__(self, program: ast.Program, text: str, path: str, chip: Chip):
-        diagnostics = [d for d in check(program, text, path, chip) if d.severity == "error"]
-        if diagnostics:
-            raise DSLError(diagnostics)
-        self.program, self.text, self.path, self.chip = program, text, path, chip
-        self.sections = {s.op: CompiledSection(program, s, text, path, chip)
-                         for s in program.sections}
+        with paused_gc():
+            diagnostics = [d for d in check(program, text, path, chip) if d.severity == "error"]
+            if diagnostics:
+                raise DSLError(diagnostics)
+            self.program, self.text, self.path, self.chip = program, text, path, chip
+            self.sections = {s.op: CompiledSection(program, s, text, path, chip)
+                             for s in program.sections}
         self._cache: dict[tuple, Selection] = {}
         self._feature_names = {op: tuple(f.name for f in OP_FEATURES[op]) for op in OP_FEATURES}
 
