@@ -323,7 +323,7 @@ def test_tune_model_dir_tunes_the_recorded_shapes(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps(PRESETS["tiny-qwen3"]))
     result = run_cli("tune", "--backend", "cpu", "--model", str(tmp_path / "m"), "--candidates", "1",
-                     "--reps", "1", "--strategy", "random", "--time-budget", "0",
+                     "--reps", "1", "--strategy", "random",
                      "--output", str(tmp_path / "out.kevo"))
     assert result.returncode == 0, result.stderr
     assert "recorded through kernelevo.mlx_lm" in result.stdout
