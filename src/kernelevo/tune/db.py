@@ -347,9 +347,11 @@ class DamagedDatabase(DatabaseProblem):
     """Not an SQLite file, truncated, failing its integrity check, or another program's
     schema: `kernelevo db repair` moves it aside and starts a new one."""
 
-    def __init__(self, path: Path, what: str):
-        self.path, self.what = Path(path), what
-        super().__init__(f"the tuning database {path} is damaged: {what}. `{repair_command(path)}` "
+    def __init__(self, path: Path | None, what: str):
+        self.path, self.what = (Path(path) if path else None), what
+        where, command = ((f" {path}", f"`{repair_command(path)}`") if path else
+                          ("", "`kernelevo db repair` (with the same --db, if one was given)"))
+        super().__init__(f"the tuning database{where} is damaged: {what}. {command} "
                          f"moves it aside (nothing is deleted) and starts a new one")
 
 
@@ -393,7 +395,7 @@ def problem(error: BaseException, path: Path | str | None = None) -> DatabasePro
         return ReadOnlyDatabase(f"{where} cannot be opened ({text}): its folder is missing or "
                                 f"not writable; point KERNELEVO_CACHE_DIR or --db elsewhere")
     if "malformed" in low or "not a database" in low or "corrupt" in low:
-        return DamagedDatabase(Path(path) if path else Path("?"), text)
+        return DamagedDatabase(path, text)
     if "locked" in low or "busy" in low:
         return DatabaseProblem(f"{where} is locked by another process ({text}); try again")
     return DatabaseProblem(f"{where}: {text}")
@@ -410,8 +412,10 @@ def one_line(error: BaseException) -> str:
         what = error.strerror or str(error)
         if error.errno == errno.ENOSPC:
             what += " (the disk is full)"
-        where = f" {error.filename}" if error.filename else ""
-        return f"cannot write{where}: {what}"
+        name = str(error.filename) if error.filename else ""
+        if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT):
+            return f"cannot write {name}: {what}" if name else f"cannot write: {what}"
+        return f"{name}: {what}" if name else what
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
@@ -458,6 +462,8 @@ def open_connection(path: Path, readonly: bool = False) -> sqlite3.Connection:
     quick_check and the schema are checked, the schema migrated (unless `readonly`). Raises
     DatabaseProblem, whose message is one line; nothing is moved or deleted here."""
     path = Path(path)
+    if path.is_dir():
+        raise DatabaseProblem(f"the tuning database {path} is a folder, not a file")
     if readonly:
         if not path.is_file():
             raise NoDatabase(f"no tuning database at {path} yet: `kernelevo tune --chip auto` makes one")
