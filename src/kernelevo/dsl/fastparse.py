@@ -42,9 +42,7 @@ KEYWORDS = frozenset({"kevo", "target", "chips", "let", "when", "else", "if", "a
                       "not", "in"})
 _BOOLEANS = {"yes": True, "true": True, "no": False, "false": False}
 _COMPARE = frozenset({"==", "!=", "<=", ">=", "<", ">"})
-_SUM = frozenset({"+", "-"})
-_PRODUCT = frozenset({"*", "//", "/", "%"})
-_SHIFT = frozenset({"<<", ">>"})
+_PREC = {"<<": 6, ">>": 6, "+": 7, "-": 7, "*": 8, "//": 8, "/": 8, "%": 8}
 MAX_DEPTH = 90  # deeper expressions go to Lark (whose tree depth limit is 200)
 
 
@@ -315,29 +313,18 @@ class _Parser:
                     left[1], left[2], el, ec, d)
         return left
 
-    def shift(self):
-        left = self.sum()
-        while self.kinds[self.i] in _SHIFT:
-            op = self.kinds[self.i]
-            self.i += 1
-            left = self._binary(left, op, self.sum())
-        return left
-
-    def sum(self):
-        left = self.product()
-        while self.kinds[self.i] in _SUM:
-            op = self.kinds[self.i]
-            self.i += 1
-            left = self._binary(left, op, self.product())
-        return left
-
-    def product(self):
+    def shift(self, min_prec: int = 6):
+        """`shift`, `sum` and `product` by precedence climbing (left-associative)."""
         left = self.unary()
-        while self.kinds[self.i] in _PRODUCT:
-            op = self.kinds[self.i]
+        kinds = self.kinds
+        while True:
+            op = kinds[self.i]
+            prec = _PREC.get(op)
+            if prec is None or prec < min_prec:
+                return left
             self.i += 1
-            left = self._binary(left, op, self.unary())
-        return left
+            right = self.shift(prec + 1)
+            left = self._binary(left, op, right)
 
     def unary(self):
         if self.kinds[self.i] == "-":
@@ -428,3 +415,16 @@ def parse_program(text: str) -> ast.Program:
             return _Parser(text).program()
         except (IndexError, RecursionError):  # ran off the tokens, or too deep: Lark decides
             raise Fallback from None
+
+
+def parse_expression(text: str) -> ast.Expr:
+    """One expression (the `expression` start rule), or Fallback."""
+    try:
+        parser = _Parser(text)
+        parser._load(0, 1, 0)
+        node = parser.expr()[0]
+    except (IndexError, RecursionError):
+        raise Fallback from None
+    if parser.kinds[parser.i] != "$END":
+        raise Fallback
+    return node

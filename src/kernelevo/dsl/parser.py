@@ -337,7 +337,10 @@ def parse_config(text: str) -> tuple[str, dict]:
 
 def parse_expression(text: str, path: str = "<expression>") -> ast.Expr:
     """Parses one expression (syntax only)."""
-    return _build(_parse_tree(text, path, "expression"), text, path)
+    try:
+        return fastparse.parse_expression(text)
+    except fastparse.Fallback:
+        return _build(_parse_tree(text, path, "expression"), text, path)
 
 
 # -- comments ----------------------------------------------------------------------------
