@@ -211,6 +211,8 @@ def test_a_tune_that_changes_nothing_rewrites_nothing_and_one_backup_is_kept(tmp
     second = tune()
     assert second.unchanged and output.read_text() == before
     assert not list(output.parent.glob("*.prev")), list(output.parent.iterdir())
+    for stamp in ("20261201-101010", "20261202-111111"):  # dated backups of earlier versions
+        (output.parent / f"tuned.kevo.{stamp}.prev").write_text("old")
     for edit in ("# a hand-made note\n", "# another one\n"):  # a changed file is replaced...
         output.write_text(before + edit)
         assert not tune().unchanged and output.read_text() != before + edit

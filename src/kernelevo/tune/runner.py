@@ -21,6 +21,7 @@ moment resumes where it stopped.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import re
@@ -512,8 +513,12 @@ class Tuner:
                 result.unchanged = True  # the same rules: neither rewritten nor backed up
                 ops.forget_selections()
                 return path
-            # the one previous version is kept beside it (replacing an older backup)
+            # the one previous version is kept beside it (replacing an older backup, and the
+            # dated backups earlier versions of kernelevo left, one per run)
             os.replace(path, path.with_name(f"{path.name}.prev"))
+            for old in path.parent.glob(f"{glob.escape(path.name)}.*.prev"):
+                if re.fullmatch(r"\d{8}-\d{6}", old.name[len(path.name) + 1:-len(".prev")]):
+                    old.unlink(missing_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
