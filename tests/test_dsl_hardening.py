@@ -92,6 +92,14 @@ def _extend(children):
 
 
 exprs = st.recursive(leaves, _extend, max_leaves=8)
+# Comparisons of two leaves, often joined with a well-typed test: most mistakes are here.
+simple = st.one_of(
+    st.tuples(st.sampled_from(["==", "!=", "<", ">="]), leaves, leaves).map(lambda t: ast.Compare(*t)),
+    st.tuples(leaves, st.lists(leaves, min_size=1, max_size=3).map(tuple), st.booleans())
+    .map(lambda t: ast.InSet(*t)),
+)
+conditions = st.one_of(simple, exprs, st.tuples(st.sampled_from(["and", "or"]), simple, simple)
+                       .map(lambda t: ast.Binary(*t)))
 calls = st.builds(lambda m, n, k, b, dt, ta, tb, ep: matmul_features(
     m, n, k, batch=b, dtype=dt, transpose_a=ta, transpose_b=tb, epilogue=ep),
     st.integers(1, 5000), st.integers(1, 5000), st.integers(1, 5000), st.integers(1, 8),
@@ -102,7 +110,7 @@ TYPE_ERROR = re.compile(r"needs (numbers|true/false|integers)|cannot compare|mus
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.filter_too_much])
-@given(exprs, exprs, exprs, st.lists(calls, min_size=1, max_size=4))
+@given(conditions, st.one_of(simple, exprs), exprs, st.lists(calls, min_size=1, max_size=4))
 def test_a_checked_program_never_fails_with_a_type_error(condition, let_t, let_f, features):
     text = _program(format_expr(condition), (f"lt = {format_expr(let_t)}", f"lf = {format_expr(let_f)}"))
     program = parse(text)
