@@ -58,6 +58,17 @@ def test_a_symbol_let_against_a_boolean_feature_is_an_error_not_a_runtime_failur
     assert _errors(_program("mask == causal and causal", op="attention")) == []
 
 
+def test_an_integer_parameter_given_a_computed_number_is_an_error():
+    # kb = K / 2 is 4095.5 for K = 8191: selection would fail with "invalid configuration"
+    text = ("kevo 1\ntarget cpu\n\nmatmul {\n  when M > 1 { gemv nb=64 kb=K / 2 threads=1 epilogue=fused }\n"
+            f"  else {{ {GEMV} }}\n}}\n")
+    found = _errors(text)
+    assert len(found) == 1 and (found[0].line, found[0].column) == (5, 30)
+    assert "kb takes an integer; this is a number for some calls" in found[0].message
+    assert _errors(text.replace("K / 2", "K // 2")) == []
+    assert _errors(text.replace("K / 2", "256.0")) == []  # a constant: its value is checked
+
+
 def test_the_selection_error_of_a_mistyped_comparison_is_caught_before_running():
     text = _program("dtype == 16")
     with pytest.raises(DSLError, match="dtype is a symbol"):

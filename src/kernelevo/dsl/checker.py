@@ -282,6 +282,12 @@ class _Checker:
         if schema.kind == "int" and not t.numeric:
             self.error(f"{param.name} takes an integer; this is {_KIND_WORDS[t.kind]}", expr.pos)
             return False
+        if schema.kind == "int" and t.kind == "float" and not self._constant(expr, features, lets)[0]:
+            # a constant such as 64.0 is checked against the domain; a computed number is
+            # fractional for some calls, and selection would then fail
+            self.error(f"{param.name} takes an integer; this is a number for some calls "
+                       f"(use // or cdiv for integer division)", expr.pos)
+            return False
         return True
 
     def choice_value(self, expr, schema: Param, features, lets) -> bool:
