@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import re
+from bisect import bisect_right
 from contextlib import contextmanager
 
 from . import ast
@@ -32,6 +33,18 @@ _TOKEN = re.compile(r"""
   | (?P<OP>==|!=|<=|>=|<<|>>|//|[<>+\-*/%=.,(){}])
   | (?P<ERR>.)
 """, re.VERBOSE | re.DOTALL)
+# The same terminals, each match being the skipped text and one token (so one match per
+# token, not two); the comment must run to the end of its line, so that no backtracking
+# can shorten it into a token. The text gets a sentinel "\n\0": the last match is always
+# the sentinel, and never a failed search that finditer would retry character by character.
+_TOKEN_AFTER_SKIP = re.compile(
+    r"(?:[ \t\f\r\n]|#[^\n]*(?![^\n]))*"
+    r"(?:(?P<FLOAT>[0-9]+\.[0-9]*(?:[eE][-+]?[0-9]+)?|[0-9]+[eE][-+]?[0-9]+)"
+    r"|(?P<INT>0x[0-9A-Fa-f]+|[0-9]+)"
+    r"|(?P<NAME>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|(?P<OP>==|!=|<=|>=|<<|>>|//|[<>+\-*/%=.,(){}])"
+    r"|(?P<ERR>[^ \t\f\r\n#]))")
+_NEWLINE = re.compile("\n")
 _CHIP = re.compile(r"[A-Za-z0-9*?\[][A-Za-z0-9*?\[\]._-]*")
 _SECTION = re.compile(r"(matmul|attention)(?![A-Za-z0-9_-])")
 _SKIP = re.compile(r"(?:[ \t\f\r\n]+|#[^\n]*)*")
@@ -77,6 +90,23 @@ def _lex(text: str, pos: int, line: int, line_start: int, limit: int | None = No
     return kinds, values, lines, cols, offsets
 
 
+def _lex_all(text: str, pos: int):
+    """Like _lex from `pos` to the end, with a few passes of C-level work per token."""
+    matches = list(_TOKEN_AFTER_SKIP.finditer(text + "\n\0", pos))
+    if not matches or matches[-1].group("ERR") != "\0" or matches[-1].start("ERR") != len(text) + 1:
+        raise Fallback
+    del matches[-1]
+    groups = [m.lastgroup for m in matches]
+    values = [m.group(g) for m, g in zip(matches, groups)]
+    offsets = [m.start(g) for m, g in zip(matches, groups)]
+    kinds = [v if g == "OP" or (g == "NAME" and v in KEYWORDS) else g
+             for g, v in zip(groups, values)]
+    starts = [0] + [m.end() for m in _NEWLINE.finditer(text)]  # offsets where lines start
+    lines = [bisect_right(starts, o) for o in offsets]
+    cols = [o - starts[n - 1] + 1 for o, n in zip(offsets, lines)]
+    return kinds, values, lines, cols, offsets
+
+
 class _Parser:
     __slots__ = ("text", "kinds", "values", "lines", "cols", "i", "n", "depth")
 
@@ -84,8 +114,8 @@ class _Parser:
         self.text = text
         self.depth = 0
 
-    def _load(self, pos: int, line: int, line_start: int) -> None:
-        self.kinds, self.values, self.lines, self.cols, _ = _lex(self.text, pos, line, line_start)
+    def _load(self, pos: int) -> None:
+        self.kinds, self.values, self.lines, self.cols, _ = _lex_all(self.text, pos)
         self.kinds.append("$END")
         self.i, self.n = 0, len(self.kinds) - 1
 
@@ -150,7 +180,7 @@ class _Parser:
             end = (last_line, last_col + len(last_value))
         else:
             pos = offsets[k] if k < len(offsets) else len(text)
-        self._load(pos, text.count("\n", 0, pos) + 1, text.rfind("\n", 0, pos) + 1)
+        self._load(pos)
         start = (lines[kevo], cols[kevo])
         sections = []
         while self.kinds[self.i] == "NAME":
@@ -421,7 +451,7 @@ def parse_expression(text: str) -> ast.Expr:
     """One expression (the `expression` start rule), or Fallback."""
     try:
         parser = _Parser(text)
-        parser._load(0, 1, 0)
+        parser._load(0)
         node = parser.expr()[0]
     except (IndexError, RecursionError):
         raise Fallback from None
