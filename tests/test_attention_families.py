@@ -81,7 +81,7 @@ def _program(body: str) -> CompiledProgram:
 
 def test_rules_select_attention_configurations():
     program = _program(
-        "  when q_len <= 16 and kv_len >= 4096 { decode_split bk=64 blocks=clamp(kv_len / 2048, 2, 16) "
+        "  when q_len <= 16 and kv_len >= 4096 { decode_split bk=64 blocks=clamp(kv_len // 2048, 2, 16) "
         "threads=chip.cores pack_gqa=yes }\n"
         "  when q_len <= 16 { decode bk=32 threads=1 pack_gqa=gqa > 1 }\n"
         "  else { flash bq=64 bk=96 threads=chip.cores pack_gqa=yes skip_masked_blocks=causal scale_at=q dot=fma }")
