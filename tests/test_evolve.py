@@ -250,14 +250,12 @@ def test_the_prompt_carries_the_reference_the_parent_its_results_and_the_rejecti
     assert f"chip.cores = {LOCAL.cores}" in body and "SEARCH" in body
 
 
-def test_the_winner_loses_the_rules_that_fresh_workers_do_not_support(tmp_path):
-    """Before it is written the winner is re-timed in fresh workers: a rule found slower is
-    removed, only choices that changed are timed again, and what is written carries the
-    re-timed figures (shapes left to the shipped rules count 1.00x)."""
+def _write_winner(tmp_path, fast_speed: float):
+    """A winner with a fast rule (the script's `fast_speed`) and a slow one, written."""
     from kernelevo.evolve.loop import EvolveResult
 
     script = tmp_path / "script.json"
-    script.write_text(json.dumps({"speed": {"mr=4+nr=16": 0.6}, "default": 1.3, "noise": 0.01}))
+    script.write_text(json.dumps({"speed": {"mr=4+nr=16": fast_speed}, "default": 1.3, "noise": 0.01}))
     shipped = Scorer.replay("cpu", Database(database_path())).measurer.shipped_config(TRAIN[0])
     mr = shipped.get("mr")
     fast = KernelConfig.make("matmul", "cpu", "gemm", dict(shipped.as_dict(), mc=32, mr=4, nr=16, nc=384))
@@ -274,6 +272,14 @@ def test_the_winner_loses_the_rules_that_fresh_workers_do_not_support(tmp_path):
         with evo.measurer:
             path = evo._write(1, Member(1, text, 1.5, 0, 0, "test"), result, tmp_path / "evolved.kevo")
         retimed = [r for r in db.measurements() if r.phase == "reproduce"]
+    return path, result, retimed, fast, slow
+
+
+def test_the_winner_loses_the_rules_that_fresh_workers_do_not_support(tmp_path):
+    """Before it is written the winner is re-timed in fresh workers: a rule found slower is
+    removed, only choices that changed are timed again, and what is written carries the
+    re-timed figures (shapes left to the shipped rules count 1.00x)."""
+    path, result, retimed, fast, slow = _write_winner(tmp_path, 0.6)
     assert path is not None
     written = path.read_text()
     rules = "\n".join(line for line in written.splitlines() if not line.lstrip().startswith("#"))
@@ -285,6 +291,12 @@ def test_the_winner_loses_the_rules_that_fresh_workers_do_not_support(tmp_path):
     assert "claim: 1.6" in written and "Removed after re-timing" in written
     # two rounds of the four changed pairs (t1, t4 and rule 2's t2, h1); nothing re-timed after the removal
     assert len(retimed) == 8
+
+
+def test_a_winner_whose_re_timed_gain_is_below_the_minimum_speedup_is_not_written(tmp_path):
+    path, result, retimed, fast, slow = _write_winner(tmp_path, 0.98)
+    assert path is None and not (tmp_path / "evolved.kevo").exists()
+    assert 1.0 < result.retimed_train < 1.03
 
 
 def test_the_time_budget_keeps_room_for_judging_and_re_timing_the_winner(db_copy, tmp_path):

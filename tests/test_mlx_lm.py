@@ -286,6 +286,15 @@ def test_presets_and_sources_resolve_and_bad_sources_are_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-arch"}))
     with pytest.raises(ValueError, match="mlx-lm cannot build"):
         build_model(tmp_path)
+    # sizes are refused, naming the field, before anything is allocated from them
+    for key, value in (("hidden_size", -64), ("vocab_size", 10**9), ("num_attention_heads", 2.5),
+                       ("intermediate_size", "256")):
+        (tmp_path / "config.json").write_text(json.dumps({**PRESETS["tiny-qwen3"], key: value}))
+        with pytest.raises(ValueError, match=f"config.json: {key} must be"):
+            resolve_source(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**PRESETS["tiny-qwen3"], "text_config": {"hidden_size": 0}}))
+    with pytest.raises(ValueError, match="text_config.hidden_size must be a positive integer"):
+        resolve_source(tmp_path)
 
 
 def test_a_model_directory_with_weights_loads_them(tmp_path):

@@ -799,9 +799,10 @@ def evolve(ctx: typer.Context,
         print("removed after re-timing in fresh workers:")
     for reason in result.dropped:
         print(f"  - {reason}")
-    if result.output:
+    if result.retimed_train is not None:
         held = f", held-out {result.retimed_held_out:.3f}x" if result.retimed_held_out is not None else ""
-        print(f"wrote {result.output}: re-timed in fresh workers, training {result.retimed_train:.3f}x{held}")
+        print(f"re-timed in fresh workers: training {result.retimed_train:.3f}x{held}; "
+              + (f"wrote {result.output}" if result.output else "nothing written (below the minimum speedup)"))
 
 
 class _Lines:

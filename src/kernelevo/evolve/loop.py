@@ -546,6 +546,12 @@ class Evolution:
                                   + [1.0] * (len(shapes) - sum(i.split == split for i in items)))
                    for split, shapes in (("train", self.train), ("held-out", self.held_out)) if shapes}
         result.retimed_train, result.retimed_held_out = retimed.get("train"), retimed.get("held-out")
+        if result.retimed_train < self.settings.min_speedup:
+            # what is left is not measurably faster: a file that changes nothing real is not written
+            self.progress(f"re-timed in fresh workers, what is left of the winner is {result.retimed_train:.3f}x "
+                          f"on training shapes, below the minimum speedup {self.settings.min_speedup:.2f}x; "
+                          "nothing written")
+            return None
         tree = _with_claims(program.program, claims)
         head = (
             f"# Evolved for {self.chip.id} ({self.chip.name}) by `kernelevo evolve` ({self.proposer}), "

@@ -106,7 +106,26 @@ def _read_config(path: Path) -> dict:
         raise ValueError(f"cannot read {path}: {error}") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise ValueError(f"{path} is not a model config: it has no model_type")
+    _check_dimensions(config, f"{path}: ")
     return config
+
+
+#: the fields of a config that size a model's layers (what random weights are built from)
+DIMENSIONS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "vocab_size", "num_hidden_layers")
+
+
+def _check_dimensions(config: dict, where: str) -> None:
+    """Refuses, naming the field, a dimension that is not a positive integer of at most
+    2^20 (in the config or its text_config), before mlx-lm allocates anything from it."""
+    from ..tune.workloads import check_size
+
+    for prefix, cfg in (("", config), ("text_config.", config.get("text_config"))):
+        if not isinstance(cfg, dict):
+            continue
+        for key in DIMENSIONS:
+            if cfg.get(key) is not None:
+                check_size(f"{where}{prefix}{key}", cfg[key])
 
 
 def build_model(source: ModelSource | str | Path, dtype: str | None = "bf16", seed: int = 0) -> nn.Module:
@@ -127,7 +146,7 @@ def build_model(source: ModelSource | str | Path, dtype: str | None = "bf16", se
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "config.json").write_text(json.dumps(source.config))
                 model, _ = load_model(Path(tmp), lazy=True, strict=False)
-    except (ValueError, TypeError, KeyError, AttributeError) as error:
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError) as error:
         raise ValueError(f"mlx-lm cannot build {source.name}: {type(error).__name__}: {error}") from None
     if source.weights_dir is None or dtype is not None:
         model.set_dtype(MX_DTYPES[dtype or "bf16"])

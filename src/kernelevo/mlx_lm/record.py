@@ -11,7 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..tune.workloads import HELD_OUT_TOKENS, AttentionShape, MatmulShape, Workload
+from ..tune.workloads import HELD_OUT_TOKENS, AttentionShape, MatmulShape, Workload, check_shape
 from .models import build_model, resolve_source
 from .parity import vocab_size
 from .patching import Call, is_patched, patch, recording
@@ -69,6 +69,11 @@ def workload_from_calls(name: str, phases: dict[str, list[Call]], description: s
             if other not in seen:
                 seen.add(other)
                 held_out.append(replace(other, label=f"{name} held out: {other}"))
+    for shape in shapes + held_out:  # a model's calls are sizes like any shapes file's
+        try:
+            check_shape(shape)
+        except ValueError as error:
+            raise ValueError(f"{name}: the call {shape} cannot be tuned: {error}") from None
     return Workload(name, description, tuple(shapes), tuple(held_out))
 
 
