@@ -14,6 +14,8 @@ from kernelevo.dsl import DSLError, ast, check, format_expr, parse
 from kernelevo.dsl.select import CompiledProgram
 from kernelevo.features import attention_features, matmul_features
 
+from test_dsl_properties import _extend  # the shared expression generator
+
 CPU = chips.detect("cpu")
 GEMV = "gemv nb=64 kb=256 threads=1 epilogue=fused"
 
@@ -87,22 +89,10 @@ leaves = st.one_of(
 )
 
 
-def _extend(children):
-    return st.one_of(
-        st.tuples(st.sampled_from(["-", "not"]), children).map(lambda t: ast.Unary(*t)),
-        st.tuples(st.sampled_from(["+", "-", "*", "/", "//", "%", "<<", ">>", "and", "or"]),
-                  children, children).map(lambda t: ast.Binary(*t)),
-        st.tuples(st.sampled_from(["==", "!=", "<", "<=", ">", ">="]), children, children)
-        .map(lambda t: ast.Compare(*t)),
-        st.tuples(children, st.lists(children, min_size=1, max_size=3).map(tuple), st.booleans())
-        .map(lambda t: ast.InSet(*t)),
-        st.tuples(st.sampled_from(["min", "max", "clamp", "cdiv", "pow2ceil", "pow2floor", "log2"]),
-                  st.lists(children, min_size=1, max_size=3).map(tuple)).map(lambda t: ast.Call(*t)),
-        st.tuples(children, children, children).map(lambda t: ast.Cond(*t)),
-    )
+FUNCTIONS = st.sampled_from(["min", "max", "clamp", "cdiv", "pow2ceil", "pow2floor", "log2"])
 
 
-exprs = st.recursive(leaves, _extend, max_leaves=8)
+exprs = st.recursive(leaves, lambda children: _extend(children, FUNCTIONS), max_leaves=8)
 # Comparisons of two leaves, often joined with a well-typed test: most mistakes are here.
 simple = st.one_of(
     st.tuples(st.sampled_from(["==", "!=", "<", ">="]), leaves, leaves).map(lambda t: ast.Compare(*t)),

@@ -28,7 +28,11 @@ leaves = st.one_of(
 )
 
 
-def _extend(children):
+def _extend(children, functions=None):
+    """Expression nodes over `children`; calls name `functions` (default: any name) with 1-3
+    arguments (0-3 for any name)."""
+    call = (st.tuples(names, st.lists(children, max_size=3).map(tuple)) if functions is None else
+            st.tuples(functions, st.lists(children, min_size=1, max_size=3).map(tuple)))
     return st.one_of(
         st.tuples(st.sampled_from(["-", "not"]), children).map(lambda t: ast.Unary(*t)),
         st.tuples(st.sampled_from(["+", "-", "*", "/", "//", "%", "<<", ">>", "and", "or"]),
@@ -37,7 +41,7 @@ def _extend(children):
         .map(lambda t: ast.Compare(*t)),
         st.tuples(children, st.lists(children, min_size=1, max_size=3).map(tuple), st.booleans())
         .map(lambda t: ast.InSet(*t)),
-        st.tuples(names, st.lists(children, max_size=3).map(tuple)).map(lambda t: ast.Call(*t)),
+        call.map(lambda t: ast.Call(*t)),
         st.tuples(children, children, children).map(lambda t: ast.Cond(*t)),
     )
 

@@ -209,17 +209,14 @@ def _pair_spread(r) -> str:
     return f" (pairs {q[len(q) // 4]:.3f}-{q[(3 * len(q)) // 4]:.3f}, {len(q)} of them)"
 
 
-@app.command()
-def check(files: list[Path] = typer.Argument(..., help=".kevo files")):
-    """Check .kevo files: syntax, names, types, families, parameters, constraints, reachability."""
-    from .dsl import DSLError, check as check_program, parse
-
-    def read(path: Path) -> str:
-        """The file's text, or one line saying why not (no traceback)."""
-        try:
-            return path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            hint = ""
+def _read_kevo(path: Path, hint: bool = False) -> str:
+    """A .kevo file's text, or an exit with one line saying why not (no traceback); with
+    `hint`, a missing file names the shipped program to start from."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        where = ""
+        if hint:
             try:
                 from . import chips as chips_mod
                 from .heuristics import find_source
@@ -227,20 +224,26 @@ def check(files: list[Path] = typer.Argument(..., help=".kevo files")):
                 backend = chips_mod.default_backend()
                 chip = chips_mod.detect(backend)
                 shipped = find_source(backend, chip, include_tuned=False).path
-                hint = (f"; start from the shipped heuristics for this machine's chip ({chip.id}): "
-                        f"cp {shipped} {path}")
+                where = (f"; start from the shipped heuristics for this machine's chip ({chip.id}): "
+                         f"cp {shipped} {path}")
             except Exception:  # noqa: BLE001 — a hint is a courtesy; the error stands alone
                 pass
-            _fail(f"{path}: no such file{hint}")
-        except UnicodeDecodeError as error:
-            _fail(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
-                  f"{error.start}); .kevo files are UTF-8")
-        except OSError as error:
-            _fail(f"{path}: {error.strerror or error}")
+        _fail(f"{path}: no such file{where}")
+    except UnicodeDecodeError as error:
+        _fail(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+              f"{error.start}); .kevo files are UTF-8")
+    except OSError as error:
+        _fail(f"{path}: {error.strerror or error}")
+
+
+@app.command()
+def check(files: list[Path] = typer.Argument(..., help=".kevo files")):
+    """Check .kevo files: syntax, names, types, families, parameters, constraints, reachability."""
+    from .dsl import DSLError, check as check_program, parse
 
     failed = False
     for path in files:
-        text = read(path)
+        text = _read_kevo(path, hint=True)
         try:
             diagnostics = check_program(parse(text, str(path)), text, str(path))
         except DSLError as error:
@@ -264,15 +267,7 @@ def fmt(files: list[Path] = typer.Argument(..., help=".kevo files"),
 
     changed = False
     for path in files:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            _fail(f"{path}: no such file")
-        except UnicodeDecodeError as error:
-            _fail(f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
-                  f"{error.start}); .kevo files are UTF-8")
-        except OSError as error:
-            _fail(f"{path}: {error.strerror or error}")
+        text = _read_kevo(path)
         try:
             canonical = format_program(parse(text, str(path)))
         except DSLError as error:
