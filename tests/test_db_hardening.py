@@ -1,8 +1,9 @@
 """The tuning database under damage and hostile conditions: every case ends in one line
 from the command, exit non-zero, nothing deleted, and runs marked with what became of them.
 
-Read-only folders are real (chmod); as root, where chmod stops nothing, the command runs as
-the user nobody (setpriv). A full disk is SQLite's own "database or disk is full", from a
+Read-only folders are real (chmod); as root, where chmod stops nothing, the command runs
+without the capabilities that override file permissions (setpriv drops CAP_DAC_OVERRIDE and
+CAP_DAC_READ_SEARCH), still as root, so it reads an interpreter installed under /root. A full disk is SQLite's own "database or disk is full", from a
 `PRAGMA max_page_count` set on every connection of the command's process.
 """
 
@@ -144,13 +145,12 @@ def unprivileged() -> list[str]:
         return []
     if shutil.which("setpriv") is None:
         pytest.skip("running as root without setpriv: chmod cannot make a folder read-only")
-    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
 
 
 @pytest.fixture
 def shared(monkeypatch):
-    """Cache and data folders that the user nobody can reach (a pytest tmp_path is private
-    to root)."""
+    """Cache and data folders outside pytest's tmp_path, open to every user."""
     top = Path(tempfile.mkdtemp(prefix="kevo-hardening-"))
     top.chmod(0o755)
     for name in ("cache", "data"):
