@@ -94,6 +94,21 @@ def test_offline_evolution_replays_deterministically_and_improves_the_training_s
         assert len(db.measurements()) == len(Database(db_copy).measurements())  # nothing was timed
 
 
+def test_replayed_evolution_with_unstored_held_out_pairs_keeps_its_best_training_program(db_copy):
+    """Held-out shapes nobody measured: only the shipped seed (which needs no measurement)
+    could be judged on them, and choosing among the judged finalists would hand it the win."""
+    unseen = (MatmulShape(40, 320, 128, "f32", label="u1"), MatmulShape(80, 192, 256, "f32", label="u2"))
+    with Database(db_copy) as db:
+        evolution = Evolution("cpu", db, Workload("scripted", "unseen held-out", TRAIN, unseen), seeds(),
+                              EvolveSettings(iterations=40, time_budget_s=None, replay=True, seed=3,
+                                             finalists=1000))  # the seed among them
+        result = evolution.run(write=False)
+    assert "chosen by training score" in result.stopped_by
+    assert not result.winner.proposer.startswith("seed:")
+    assert result.winner_train == max(m.score for m in evolution.members.values()) > 1.05
+    assert result.winner_held_out is None
+
+
 def test_offline_mutations_only_produce_checked_programs(db_copy):
     import random
 

@@ -478,6 +478,7 @@ class Evolution:
                           + list(self.archive.cells().values())}.values())
         seeds = [m for m in self.members.values() if m.proposer.startswith("seed:")]
         judged: list[tuple[float, Member]] = []
+        unjudged = 0  # finalists whose held-out pairs are not stored (replay, or budget spent)
         for m in {x.id: x for x in finalists + seeds}.values():
             if not self.held_out:
                 judged.append((m.score, m))
@@ -486,16 +487,20 @@ class Evolution:
                 scored = self.fitness.evaluate(self.programs[m.id], "held-out")
             except Rejected as err:
                 self.progress(f"program {m.id} not judged on held-out shapes: {err.message}")
+                unjudged += m in finalists and err.stage == "unmeasured"
                 continue
             self.store.update_program(m.id, held_out_score=scored.value)
             if m.proposer.startswith("seed:"):
                 result.seed_held_out[m.proposer[5:]] = scored.value
             if m in finalists:
                 judged.append((scored.value, m))
-        if not judged:
-            # (replaying, where the held-out pairs were never measured)
-            result.stopped_by += "; no finalist could be judged on held-out shapes: chosen by training score"
-            winner, held = self.archive.best, None
+        if unjudged or not judged:
+            # Choosing among the judged finalists only would favour those that change nothing
+            # on held-out shapes (the shipped seed is always judged: it needs no measurement).
+            what = f"{unjudged} finalist(s) could not" if unjudged else "no finalist could"
+            result.stopped_by += f"; {what} be judged on held-out shapes: chosen by training score"
+            winner = self.archive.best
+            held = next((v for v, m in judged if m.id == winner.id), None)
         else:
             # The smallest finalist within 2% of the best held-out score.
             top = max(v for v, _ in judged)
