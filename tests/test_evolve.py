@@ -28,9 +28,10 @@ from kernelevo.evolve.archive import Member
 from kernelevo.evolve.llm import LLMSettings, ReplyError, program_from_reply
 from kernelevo.evolve.loop import Evolution, EvolveSettings
 from kernelevo.evolve.mutate import Mutator, vocabulary_from
-from kernelevo.evolve.store import EvolveStore
+from kernelevo.evolve.store import EvolveStore, RunInProgress
 from kernelevo.heuristics import find_source
 from kernelevo.paths import database_path
+from kernelevo.tune import db as dbmod
 from kernelevo.tune.db import Database
 from kernelevo.tune.runner import Tuner, TuneSettings
 from kernelevo.tune.score import Scorer
@@ -223,6 +224,9 @@ def test_a_kill_minus_nine_mid_evolution_resumes_without_losing_a_proposal(db_co
         kept = c.execute("SELECT id, reply FROM proposals ORDER BY id").fetchall()
         programs = {r[0] for r in c.execute("SELECT id FROM programs")}
         last = c.execute("SELECT MAX(iteration) FROM proposals").fetchone()[0]
+    with Database(db_copy, readonly=True) as db:
+        killed = EvolveStore(db).runs()[-1]
+    assert killed.status == "running" and EvolveStore.dead(killed)  # `evolve report` says it died
     resumed = subprocess.run(command + ["--iterations", str(last + 15)], capture_output=True, text=True,
                              env=dict(os.environ), timeout=300)
     assert resumed.returncode == 0, resumed.stderr
@@ -235,6 +239,28 @@ def test_a_kill_minus_nine_mid_evolution_resumes_without_losing_a_proposal(db_co
     assert after[:len(kept)] == kept and len(after) > len(kept)  # nothing lost, more made
     assert programs <= after_programs
     assert runs == [("finished",)] and pending == 0
+
+
+def test_a_run_that_another_live_process_runs_is_not_resumed_and_a_dead_ones_is(db_copy):
+    settings = EvolveSettings(iterations=3, time_budget_s=None, replay=True, seed=2)
+    with Database(db_copy) as db:
+        first = Evolution("cpu", db, WORKLOAD, seeds(), settings).run(write=False)
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            with db.transaction() as conn:  # as if that process were running the same command
+                conn.execute("UPDATE evolve_runs SET status = 'running', pid = ?, process_start = ? WHERE id = ?",
+                             (other.pid, dbmod.process_start(other.pid), first.run_id))
+            with pytest.raises(RunInProgress, match=f"being run by process {other.pid}"):
+                Evolution("cpu", db, WORKLOAD, seeds(), settings).run(write=False)
+            assert EvolveStore(db).run(first.run_id).status == "running"
+        finally:
+            other.kill()
+            other.wait()
+        again = Evolution("cpu", db, WORKLOAD, seeds(), EvolveSettings(
+            iterations=6, time_budget_s=None, replay=True, seed=2)).run(write=False)
+        run = EvolveStore(db).run(first.run_id)
+    assert again.resumed and again.run_id == first.run_id
+    assert run.status == "finished" and run.pid == os.getpid()
 
 
 def test_evolve_report_prints_the_run_and_plots_it(db_copy, tmp_path):

@@ -841,7 +841,8 @@ def evolve_report(run: Optional[int] = typer.Option(None, help="the evolution ru
         if chosen is None:
             _fail(f"no evolution run {run}")
         r = evolve_report_mod.build(store, chosen.id)
-        table = Table(title=f"best programs of evolution run {chosen.id} on {chosen.chip} ({chosen.status})",
+        status = "died: its process is gone; the same command resumes it" if store.dead(chosen) else chosen.status
+        table = Table(title=f"best programs of evolution run {chosen.id} on {chosen.chip} ({status})",
                       title_justify="left")
         for column in ("program", "iteration", "proposer", "training", "held-out", "rules", "configs", "re-timed"):
             table.add_column(column, justify="left" if column == "proposer" else "right")

@@ -504,11 +504,19 @@ class Evolution:
         else:
             # The smallest finalist within 2% of the best held-out score.
             top = max(v for v, _ in judged)
-            held, winner = min(((v, m) for v, m in judged if v * HELD_OUT_TOLERANCE >= top),
+            # (Smaller, but never slower than the shipped heuristics on held-out shapes.)
+            held, winner = min(((v, m) for v, m in judged if v * HELD_OUT_TOLERANCE >= top and
+                                (v > 1.0 or v == top)),
                                key=lambda vm: (vm[1].rules, -vm[0], vm[1].id))
         result.winner, result.winner_train = winner, winner.score
         result.winner_held_out = held if self.held_out else None
         result.lineage = [f"{row.proposer} #{row.id}" for row in self.store.lineage(winner.id)]
+        if self.held_out and held is not None and held <= 1.0:
+            # Whatever it gains on the training shapes, it does not carry over.
+            result.stopped_by += (f"; the winner is no faster than the shipped heuristics on the held-out "
+                                  f"shapes ({held:.3f}x; it is the best finalist there unless some could not "
+                                  "be judged): nothing written")
+            return
         if write and not self.settings.replay:
             result.output = self._write(run_id, winner, result, output)
 

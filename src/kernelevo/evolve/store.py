@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 
-from ..tune.db import Database
+from ..tune.db import Database, host_name, process_alive, process_start
 
 #: what can become of a proposal (the report counts them)
 OUTCOMES = ("pending", "accepted", "no-improvement", "parse", "check", "repair-failed",
@@ -39,6 +40,13 @@ class EvolveRun:
     status: str
     output: str | None
     summary: str | None
+    pid: int | None = None
+    host: str | None = None
+    process_start: str | None = None
+
+
+class RunInProgress(RuntimeError):
+    """The run a command would resume is being run by another live process."""
 
 
 @dataclass
@@ -87,20 +95,49 @@ class EvolveStore:
     # -- runs ------------------------------------------------------------------------
     def start_or_resume(self, chip: str, backend: str, workload: str, resume_key: str,
                         settings: dict) -> tuple[EvolveRun, bool]:
-        """The unfinished run of the same command, or a new one; and whether it resumed."""
+        """The unfinished run of the same command, or a new one; and whether it resumed.
+        Runs whose process is gone are marked "died" first (and resumed like an interrupted
+        one); a run that another live process is running is not taken over."""
+        self.mark_dead_runs()
         rows = self.db.query("SELECT * FROM evolve_runs WHERE resume_key = ? AND status IN "
-                             "('running', 'interrupted') ORDER BY id DESC LIMIT 1", (resume_key,))
+                             "('running', 'interrupted', 'died') ORDER BY id DESC LIMIT 1", (resume_key,))
+        me = os.getpid()
+        owner = dict(pid=me, host=host_name(), process_start=process_start(me))
         if rows:
             run = EvolveRun(**dict(rows[0]))
+            if run.status == "running" and run.pid != me:
+                raise RunInProgress(
+                    f"evolution run {run.id} (the same command) is being run by process {run.pid} on "
+                    f"{run.host or 'an unknown machine'}: wait for it, or stop it and run this again to resume it")
             with self.db.transaction() as conn:
-                conn.execute("UPDATE evolve_runs SET status = 'running' WHERE id = ?", (run.id,))
-            return run, True
+                conn.execute("UPDATE evolve_runs SET status = 'running', finished_at = NULL, pid = :pid, "
+                             "host = :host, process_start = :process_start WHERE id = :id",
+                             {**owner, "id": run.id})
+            return self.run(run.id), True
         with self.db.transaction() as conn:
             cursor = conn.execute(
-                "INSERT INTO evolve_runs (started_at, chip, backend, workload, resume_key, settings) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (time.time(), chip, backend, workload, resume_key, json.dumps(settings, sort_keys=True)))
+                "INSERT INTO evolve_runs (started_at, chip, backend, workload, resume_key, settings, pid, host, "
+                "process_start) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), chip, backend, workload, resume_key, json.dumps(settings, sort_keys=True),
+                 owner["pid"], owner["host"], owner["process_start"]))
         return self.run(int(cursor.lastrowid)), False
+
+    @staticmethod
+    def dead(run: EvolveRun) -> bool:
+        """A run marked "running" whose process, of this machine, is gone."""
+        return (run.status == "running" and run.pid is not None and run.host == host_name()
+                and not process_alive(run.pid, run.process_start))
+
+    def mark_dead_runs(self) -> list[int]:
+        """Marks "died" the runs left "running" by a process of this machine that is gone
+        (kill -9, a crash); their proposals and programs are kept. Returns their ids."""
+        dead = [r for r in self.runs() if self.dead(r)]
+        if dead:
+            with self.db.transaction() as conn:
+                for r in dead:
+                    conn.execute("UPDATE evolve_runs SET status = 'died', finished_at = ? "
+                                 "WHERE id = ? AND status = 'running'", (time.time(), r.id))
+        return [r.id for r in dead]
 
     def run(self, run_id: int) -> EvolveRun | None:
         rows = self.db.query("SELECT * FROM evolve_runs WHERE id = ?", (run_id,))

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Each entry upgrades the schema from version i to i + 1.
 MIGRATIONS: list[str] = [
@@ -244,6 +244,13 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN host TEXT;
     ALTER TABLE runs ADD COLUMN process_start TEXT;
     ALTER TABLE runs ADD COLUMN reason TEXT;
+    """,
+    # 6: the same for evolution runs (one that is resumed while its process still runs would
+    # be run twice at once)
+    """
+    ALTER TABLE evolve_runs ADD COLUMN pid INTEGER;
+    ALTER TABLE evolve_runs ADD COLUMN host TEXT;
+    ALTER TABLE evolve_runs ADD COLUMN process_start TEXT;
     """,
 ]
 
@@ -624,11 +631,11 @@ def repair(path: Path) -> tuple[str, Path | None]:
 
 
 # -- which process runs a run ---------------------------------------------------------------
-def _host() -> str:
+def host_name() -> str:
     return socket.gethostname()
 
 
-def _process_start(pid: int) -> str | None:
+def process_start(pid: int) -> str | None:
     """When the process started (Linux: clock ticks after boot), to tell a reused pid from
     the process that recorded it; None where the system does not say."""
     try:
@@ -656,7 +663,7 @@ def process_alive(pid: int, started: str | None = None) -> bool:
     except (OSError, IndexError):
         pass
     if started is not None:
-        now = _process_start(pid)
+        now = process_start(pid)
         if now is not None and now != started:
             return False  # the pid was given to another process since
     return True
@@ -734,7 +741,7 @@ class Database:
                 "INSERT INTO runs (started_at, chip, backend, workload, settings, pid, host, "
                 "process_start) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (time.time(), chip, backend, workload, json.dumps(settings, sort_keys=True), pid,
-                 _host(), _process_start(pid)))
+                 host_name(), process_start(pid)))
             return int(cursor.lastrowid)
 
     def finish_run(self, run_id: int, status: str, output: str | None, reason: str | None = None) -> None:
@@ -754,7 +761,7 @@ class Database:
 
     def dead(self, run: Run) -> bool:
         """A run marked "running" whose process, of this machine, is gone."""
-        return (run.status == "running" and run.pid is not None and run.host == _host()
+        return (run.status == "running" and run.pid is not None and run.host == host_name()
                 and not process_alive(run.pid, run.process_start))
 
     def mark_dead_runs(self) -> list[int]:
