@@ -340,6 +340,40 @@ def test_a_winner_whose_re_timed_gain_is_below_the_minimum_speedup_is_not_writte
     assert 1.0 < result.retimed_train < 1.03
 
 
+@pytest.mark.parametrize("held_out, written", [({"seed": 1.0, "small": 0.995, "big": 0.99}, False),
+                                               ({"seed": 1.0, "small": 1.005, "big": 1.01}, "small"),
+                                               ({"seed": 1.0, "small": 0.99, "big": 1.06}, "big")])
+def test_the_winner_is_chosen_on_held_out_shapes_and_never_one_no_faster_than_shipped(db_copy, held_out, written):
+    """Among the finalists within 2% of the best held-out score the smallest wins, but only
+    if it is faster than the shipped heuristics there; a program whose training gain does
+    not carry over to the held-out shapes is not written."""
+    from kernelevo.evolve.fitness import Scored
+
+    with Database(db_copy) as db:
+        evo = Evolution("cpu", db, WORKLOAD, seeds(), EvolveSettings(iterations=0, time_budget_s=None))
+        run, _ = evo.store.start_or_resume(LOCAL.id, "cpu", "w", "key", {})
+        text = SHIPPED.read_text()
+        names = {}
+        for name, train, rules in (("seed", 1.0, 19), ("small", 1.10, 12), ("big", 1.12, 25)):
+            pid = evo.store.add_program(run.id, 0, 0, None, None, "seed:cpu.kevo" if name == "seed" else "offline",
+                                        text + f"# {name}\n", rules, 3, train)
+            member = Member(pid, text, train, rules, 3, "seed:cpu.kevo" if name == "seed" else "offline")
+            evo.members[pid], evo.programs[pid] = member, name
+            evo.archive.add(0, member)
+            names[pid] = name
+        evo.fitness.evaluate = lambda program, split="train": Scored(program, None, held_out[program], 0, 0)
+        chosen = []
+        evo._write = lambda run_id, winner, result, output: chosen.append(names[winner.id])
+        from kernelevo.evolve.loop import EvolveResult
+        result = EvolveResult(run.id)
+        result.stopped_by = "test"
+        evo._finish(run.id, result, None, write=True)
+    if written:
+        assert chosen == [written]
+    else:
+        assert chosen == [] and "no faster than the shipped heuristics on the held-out" in result.stopped_by
+
+
 def test_the_time_budget_keeps_room_for_judging_and_re_timing_the_winner(db_copy, tmp_path):
     """The budget covers the whole run: the loop stops while the expected cost of judging
     the finalists and re-timing the winner (at the seconds a measurement has taken) fits."""
