@@ -22,6 +22,12 @@ constexpr int kRowGroup = 4;  // rows of A per register tile
 constexpr int kWRows = 4;     // rows of W per register tile (x @ W.T)
 constexpr int kMaxParts = 64; // depth parts of x @ W (each keeps M x N partial sums)
 
+// How far ahead in each row of W the kernel asks for lines (into L2). The hardware
+// prefetchers alone left a decode token's linears at 15-16 GB/s of the 30 GB/s this
+// machine reads (2-core Xeon, benchmarks/probe_decode_linears.py); 1 KB ahead of each of
+// the 4 streams: 17-18 GB/s. 512 B and 2 KB measured about the same.
+constexpr int kPrefetchBytes = 1024;
+
 // part[i][jr] (vectors of partial sums, kWRows per row of A) += A[i, k0:k1] . W[jr, k0:k1], for MR rows of A and
 // JR rows of W (W row jr at w + jr * ldw; depth k at w[k]).
 template <typename E, int MR, int JR>
@@ -32,6 +38,10 @@ void cols_tile(const float* a, int64_t lda, const typename E::raw* w, int64_t ld
     for (int j = 0; j < JR; ++j) acc[i][j] = vload(part + (i * kWRows + j) * kLanes);
   for (int64_t k = k0; k < k1; k += kLanes) {
     vfloat wv[JR];
+    if ((k * static_cast<int64_t>(sizeof(typename E::raw))) % 64 == 0) {  // once per line
+      for (int j = 0; j < JR; ++j)
+        __builtin_prefetch(reinterpret_cast<const char*>(w + j * ldw + k) + kPrefetchBytes, 0, 2);
+    }
     for (int j = 0; j < JR; ++j) wv[j] = load16<E>(w + j * ldw + k);
     for (int i = 0; i < MR; ++i) {
       const vfloat av = vload(a + i * lda + k);
