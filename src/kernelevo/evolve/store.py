@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 
-from ..tune.db import Database, host_name, process_alive, process_start
+from ..tune.db import Database, left_by_a_dead_process, this_process
 
 #: what can become of a proposal (the report counts them)
 OUTCOMES = ("pending", "accepted", "no-improvement", "parse", "check", "repair-failed",
@@ -101,11 +100,10 @@ class EvolveStore:
         self.mark_dead_runs()
         rows = self.db.query("SELECT * FROM evolve_runs WHERE resume_key = ? AND status IN "
                              "('running', 'interrupted', 'died') ORDER BY id DESC LIMIT 1", (resume_key,))
-        me = os.getpid()
-        owner = dict(pid=me, host=host_name(), process_start=process_start(me))
+        owner = this_process()
         if rows:
             run = EvolveRun(**dict(rows[0]))
-            if run.status == "running" and run.pid != me:
+            if run.status == "running" and run.pid != owner["pid"]:
                 raise RunInProgress(
                     f"evolution run {run.id} (the same command) is being run by process {run.pid} on "
                     f"{run.host or 'an unknown machine'}: wait for it, or stop it and run this again to resume it")
@@ -124,9 +122,7 @@ class EvolveStore:
 
     @staticmethod
     def dead(run: EvolveRun) -> bool:
-        """A run marked "running" whose process, of this machine, is gone."""
-        return (run.status == "running" and run.pid is not None and run.host == host_name()
-                and not process_alive(run.pid, run.process_start))
+        return left_by_a_dead_process(run)
 
     def mark_dead_runs(self) -> list[int]:
         """Marks "died" the runs left "running" by a process of this machine that is gone

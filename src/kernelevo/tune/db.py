@@ -646,6 +646,19 @@ def process_start(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
+def this_process() -> dict:
+    """What a run records of the process that runs it (columns pid, host, process_start)."""
+    pid = os.getpid()
+    return {"pid": pid, "host": host_name(), "process_start": process_start(pid)}
+
+
+def left_by_a_dead_process(run) -> bool:
+    """A run (of tuning or of evolution) marked "running" whose process, of this machine,
+    is gone."""
+    return (run.status == "running" and run.pid is not None and run.host == host_name()
+            and not process_alive(run.pid, run.process_start))
+
+
 def process_alive(pid: int, started: str | None = None) -> bool:
     """Whether the process of this machine with this pid (and start) still runs."""
     try:
@@ -735,13 +748,13 @@ class Database:
         """A new run of this process; runs left "running" by a process of this machine that
         died (kill -9, a crash, power) are marked "died" first."""
         self.mark_dead_runs()
-        pid = os.getpid()
+        me = this_process()
         with self._transaction() as conn:
             cursor = conn.execute(
                 "INSERT INTO runs (started_at, chip, backend, workload, settings, pid, host, "
                 "process_start) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (time.time(), chip, backend, workload, json.dumps(settings, sort_keys=True), pid,
-                 host_name(), process_start(pid)))
+                (time.time(), chip, backend, workload, json.dumps(settings, sort_keys=True), me["pid"],
+                 me["host"], me["process_start"]))
             return int(cursor.lastrowid)
 
     def finish_run(self, run_id: int, status: str, output: str | None, reason: str | None = None) -> None:
@@ -759,10 +772,9 @@ class Database:
         except DatabaseProblem:
             return False
 
-    def dead(self, run: Run) -> bool:
-        """A run marked "running" whose process, of this machine, is gone."""
-        return (run.status == "running" and run.pid is not None and run.host == host_name()
-                and not process_alive(run.pid, run.process_start))
+    @staticmethod
+    def dead(run: Run) -> bool:
+        return left_by_a_dead_process(run)
 
     def mark_dead_runs(self) -> list[int]:
         """Marks "died" the runs whose process is gone; a run of a live process (another run
