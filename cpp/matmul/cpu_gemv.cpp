@@ -22,10 +22,11 @@ constexpr int kRowGroup = 4;  // rows of A per register tile
 constexpr int kWRows = 4;     // rows of W per register tile (x @ W.T)
 constexpr int kMaxParts = 64; // depth parts of x @ W (each keeps M x N partial sums)
 
-// How far ahead in each row of W the kernel asks for lines (into L2). The hardware
-// prefetchers alone left a decode token's linears at 15-16 GB/s of the 30 GB/s this
-// machine reads (2-core Xeon, benchmarks/probe_decode_linears.py); 1 KB ahead of each of
-// the 4 streams: 17-18 GB/s. 512 B and 2 KB measured about the same.
+// How far ahead in each row of W the kernel asks for lines (into L2). Chosen with
+// benchmarks/probe_decode_linears.py qwen3-0.6b on the 2-core Xeon (30 GB/s read), on a
+// trial build that took the distance from the environment: a decode token's linears at
+// 15-16 GB/s with the hardware prefetchers alone, 17-18 GB/s at 1 KB ahead of each of the
+// 4 streams; 512 B and 2 KB about the same.
 constexpr int kPrefetchBytes = 1024;
 
 // part[i][jr] (vectors of partial sums, kWRows per row of A) += A[i, k0:k1] . W[jr, k0:k1], for MR rows of A and
