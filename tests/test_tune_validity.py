@@ -291,6 +291,24 @@ def test_the_tuners_figure_agrees_with_a_plain_dependent_chain_for_every_thread_
         assert abs(ratio - 1) <= 0.10, (threads, ratio)
 
 
+@pytest.mark.parametrize("out_shape", [(16, 64), (16, 96), (16, 40)], ids=["same", "larger", "smaller"])
+def test_a_gpu_chain_carries_the_previous_output_into_the_next_operand(out_shape):
+    """On a GPU the next launch must read the buffer the last one wrote (MLX orders GPU
+    kernels by buffers; mx.depends passes on the operand's own): the carried operand has
+    the operand's shape and type and is made of the output, padded where it is smaller."""
+    from kernelevo.tune.adapters import carried
+
+    first = mx.arange(16 * 64, dtype=mx.float32).reshape(16, 64).astype(mx.bfloat16)
+    after = (mx.arange(math.prod(out_shape), dtype=mx.float32) + 5000).reshape(out_shape).astype(mx.bfloat16)
+    got = carried(after, first)
+    assert got.shape == first.shape and got.dtype == first.dtype
+    flat_after, flat_got, flat_first = (x.reshape(-1).astype(mx.float32) for x in (after, got, first))
+    n = min(after.size, first.size)
+    assert mx.array_equal(flat_got[:n], flat_after[:n])
+    if after.size < first.size:
+        assert mx.array_equal(flat_got[n:], flat_first[n:])
+
+
 @pytest.mark.gpu
 def test_on_a_gpu_the_tuners_figure_agrees_with_a_plain_dependent_chain():
     """On MLX's CUDA backend the chain also stops independent launches from overlapping."""

@@ -101,8 +101,8 @@ def matmul_launcher(a: mx.array, b: mx.array, config: KernelConfig | str, *,
                     stream=None):
     """A function that builds `matmul(a, b, config=config, ...)` with the checks done once
     up front, so that timing loops measure the kernel rather than Python. It takes an
-    optional replacement for `a` of the same shape and type (the tuner passes `a` made to
-    depend on the previous launch, so launches run in a chain as in a model)."""
+    optional replacement for `a` of the same shape and type (the tuner passes one that
+    depends on the previous launch, so launches run in a chain as in a model)."""
     backend = stream_backend(stream)
     if backend in gpu.GPU_BACKENDS:
         cfg = as_config(config, "matmul", gpu.require_gpu("matmul"))

@@ -2,8 +2,8 @@
 built-in MLX op it is measured against. One adapter per op; the rest of tune/ is generic.
 
 A launcher returns a `timing.Launch`: given the previous launch's output it makes its
-first operand depend on it (`mx.depends`, no data moves), so that timed launches run one
-after another as a model's layers do."""
+first operand depend on it, so that timed launches run one after another as a model's
+layers do (see `chained`)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,35 @@ from .workloads import AttentionShape, MatmulShape
 
 
 def chained(first: mx.array, call: Callable[[mx.array], mx.array]) -> Launch:
-    """`call(first)`, or `call(first made to depend on after)`."""
+    """`call(first)`, or after a previous launch `call(first made to depend on it)`.
+
+    On the CPU MLX runs a graph's nodes one at a time, and `mx.depends(first, after)` orders
+    them at no cost. MLX's GPU back-ends order kernels by the buffers they read and write
+    (CUDA graph edges, Metal barriers), and `mx.depends` hands on `first`'s own buffer,
+    which no launch writes: independent launches then overlap on the GPU, which a model's
+    consecutive layers do not. There the next launch reads what the last one wrote."""
+    on_gpu = mx.default_device().type == mx.DeviceType.gpu
+
     def launch(after: mx.array | None = None) -> mx.array:
-        return call(first if after is None else mx.depends(first, after))
+        if after is None:
+            return call(first)
+        return call(carried(after, first) if on_gpu else mx.depends(first, after))
     return launch
+
+
+def carried(after: mx.array, first: mx.array) -> mx.array:
+    """An operand of `first`'s shape and type made of the previous launch's output `after`:
+    a view of it where it has enough elements (no data moves), else `after` padded with
+    `first`'s tail (one copy of `first`'s size per launch, the same for both sides of a
+    pair). Values are not kept bounded: a GPU kernel's speed does not depend on them."""
+    if after.dtype != first.dtype:
+        after = after.astype(first.dtype)
+    if after.shape == first.shape:
+        return after
+    flat, n = after.reshape(-1), first.size
+    if flat.size >= n:
+        return flat[:n].reshape(first.shape)
+    return mx.concatenate([flat, first.reshape(-1)[flat.size:]]).reshape(first.shape)
 
 
 class MatmulAdapter:

@@ -1,9 +1,10 @@
 """Timing in the process that runs the kernel, as DESIGN.md asks.
 
 - **As a model runs it.** A sample is a chain of launches in one evaluation, each launch
-  depending on the one before (`mx.depends`), the graph built before the clock starts: the
-  regime of a model's forward pass, where MLX neither overlaps independent launches (as it
-  may on a GPU) nor pays one evaluation's fixed cost per call.
+  depending on the one before (on a GPU through the buffer it wrote: adapters.chained),
+  the graph built before the clock starts: the regime of a model's forward pass, where MLX
+  neither overlaps independent launches (as it may on a GPU) nor pays one evaluation's
+  fixed cost per call.
 - **Paired.** Candidate and baseline alternate (A B, B A, ...) with one batch size for
   both, and the ratio is taken pair by pair, so drift of the machine cancels.
 - **Watched.** Pairs are taken in blocks of at least BLOCK_SECONDS, and for each block the
