@@ -202,32 +202,45 @@ NB_MODULE(_ext, m) {
 
   m.attr("decode_max_queries") = ke::cpu::kDecodeMaxQueries;
 
-  nb::class_<ke::gpu::Kernel>(m, "GpuKernel",
-                              "A lowered GPU kernel as the launcher takes it (see "
-                              "kernelevo.lowering.LoweredKernel, which fills it).")
-      .def(nb::init<>())
-      .def_rw("backend", &ke::gpu::Kernel::backend)
-      .def_rw("name", &ke::gpu::Kernel::name)
-      .def_rw("input_names", &ke::gpu::Kernel::input_names)
-      .def_rw("output_names", &ke::gpu::Kernel::output_names)
-      .def_rw("source", &ke::gpu::Kernel::source)
-      .def_rw("header", &ke::gpu::Kernel::header)
-      .def_rw("output_shapes", &ke::gpu::Kernel::output_shapes)
-      .def_rw("output_dtypes", &ke::gpu::Kernel::output_dtypes)
-      .def_rw("grid", &ke::gpu::Kernel::grid)
-      .def_rw("threadgroup", &ke::gpu::Kernel::threadgroup)
-      .def_rw("template_args", &ke::gpu::Kernel::template_args)
-      .def_rw("shared_memory", &ke::gpu::Kernel::shared_memory)
-      .def_rw("init_value", &ke::gpu::Kernel::init_value)
-      .def_rw("ensure_row_contiguous", &ke::gpu::Kernel::ensure_row_contiguous);
+  nb::class_<ke::gpu::Launch>(m, "GpuLaunch",
+                              "A GPU kernel launch for one call shape, made once from a "
+                              "kernelevo.lowering.LoweredKernel (read by its field names) and "
+                              "immutable; call it with the kernel's inputs.")
+      .def(
+          "__init__",
+          [](ke::gpu::Launch* self, const nb::handle& lowered) {
+            auto field = [&](const char* name) { return nb::getattr(lowered, name); };
+            ke::gpu::KernelSource source;
+            source.backend = nb::cast<std::string>(field("backend"));
+            source.name = nb::cast<std::string>(field("name"));
+            source.input_names = nb::cast<std::vector<std::string>>(field("input_names"));
+            source.output_names = nb::cast<std::vector<std::string>>(field("output_names"));
+            source.source = nb::cast<std::string>(field("source"));
+            source.header = nb::cast<std::string>(field("header"));
+            source.shared_memory = nb::cast<int>(field("shared_memory"));
+            source.ensure_row_contiguous = nb::cast<bool>(field("ensure_row_contiguous"));
+            ke::gpu::LaunchShape shape;
+            shape.output_shapes = nb::cast<std::vector<std::vector<int>>>(field("output_shapes"));
+            shape.output_dtypes = nb::cast<std::vector<std::string>>(field("output_dtypes"));
+            shape.grid = nb::cast<std::tuple<int, int, int>>(field("grid"));
+            shape.threadgroup = nb::cast<std::tuple<int, int, int>>(field("threadgroup"));
+            shape.template_args =
+                nb::cast<std::vector<std::pair<std::string, ke::gpu::TemplateValue>>>(
+                    field("template_args"));
+            shape.init_value = nb::cast<std::optional<float>>(field("init_value"));
+            new (self) ke::gpu::Launch(source, shape);
+          },
+          "kernel"_a)
+      .def_prop_ro("name", &ke::gpu::Launch::name)
+      .def(
+          "__call__",
+          [](const ke::gpu::Launch& launch, const std::vector<mx::array>& inputs,
+             const nb::object& stream) { return launch(inputs, stream_or_device(stream)); },
+          "inputs"_a, nb::kw_only(), "stream"_a = nb::none(),
+          "Runs the kernel through MLX's fast::cuda_kernel (or fast::metal_kernel).");
 
-  m.def(
-      "launch",
-      [](const ke::gpu::Kernel& kernel, const std::vector<mx::array>& inputs,
-         const nb::object& stream) { return ke::gpu::launch(kernel, inputs, stream_or_device(stream)); },
-      "kernel"_a, "inputs"_a, nb::kw_only(), "stream"_a = nb::none(),
-      "Runs a lowered GPU kernel through MLX's fast::cuda_kernel; its kernel function is "
-      "created once per name.");
+  m.def("any_tracer", &ke::gpu::any_tracer, "arrays"_a,
+        "Whether any of the arrays is traced by a transformation (grad, vjp, compile).");
 
   m.def("gpu_kernels_cached", &ke::gpu::cached_kernels,
         "How many GPU kernel functions the launcher has created (one per kernel name).");

@@ -78,7 +78,7 @@ def run_plan_schedules(plan: Plan, env: dict) -> mx.array:
 
 @dataclass
 class EmulatedLaunch:
-    """Stands in for _ext.launch (gpu.launch_kernel): runs the kernel in the emulator and
+    """Stands in for the extension's launch (gpu.launch.launch_kernel): runs the kernel in the emulator and
     keeps each launch's kernel name and counters."""
 
     launched: list[str] = field(default_factory=list)
@@ -102,5 +102,5 @@ def pretend_metal(monkeypatch, chip_name: str = "m1") -> EmulatedLaunch:
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
     monkeypatch.setattr(chips, "default_backend", lambda: "metal")
     monkeypatch.setattr(chips, "detect", lambda backend="cpu": chip if backend == "metal" else real_detect(backend))
-    monkeypatch.setattr(gpu, "launch_kernel", launch)
+    monkeypatch.setattr(gpu.launch, "launch_kernel", launch)
     return launch

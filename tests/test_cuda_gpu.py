@@ -152,8 +152,8 @@ def test_public_attention_runs_the_gpu_kernels(B, Hq, Hkv, Lq, Lk, mask, window,
     config = gpu.select_attention_config(features)
     assert config.family != "mlx", "the shipped rules should pick a kernelevo kernel here"
     launched = []
-    real_launch = gpu.launch_kernel
-    monkeypatch.setattr(gpu, "launch_kernel", lambda kernel, *a, **kw: launched.append(kernel.name) or real_launch(kernel, *a, **kw))
+    real_launch = gpu.launch.launch_kernel
+    monkeypatch.setattr(gpu.launch, "launch_kernel", lambda kernel, *a, **kw: launched.append(kernel.name) or real_launch(kernel, *a, **kw))
     out = ke.attention(q, k, v, scale=128 ** -0.5, mask=mask, window=window or None)
     mx.eval(out)
     assert launched and launched[0].startswith(config.family), launched

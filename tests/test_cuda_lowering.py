@@ -16,7 +16,7 @@ from kernelevo.families.cuda_attention import decode_smem, flash_smem
 from kernelevo.families.cuda_matmul import gemm_smem
 from kernelevo.features import attention_features, matmul_features
 from kernelevo.features import Epilogue
-from kernelevo.lowering import cdiv
+from kernelevo.lowering import LoweredKernel, cdiv
 from kernelevo.lowering.cuda import lower_attention, lower_matmul, mlx_source
 from kernelevo.ops import gpu
 
@@ -212,9 +212,9 @@ def test_gpu_ops_need_a_cuda_mlx():
         gpu.matmul(a, a)
     with pytest.raises(ke.BackendNotSupportedError, match="CUDA back-end"):
         gpu.attention(a[None, None], a[None, None], a[None, None], scale=1.0)
-    kernel = ke.ops._ext.GpuKernel()
-    kernel.backend, kernel.name, kernel.input_names, kernel.output_names = "cuda", "k", ["x"], ["y"]
-    kernel.output_shapes, kernel.output_dtypes = [[4]], ["float32"]
-    kernel.grid, kernel.threadgroup = (32, 1, 1), (32, 1, 1)
+    kernel = LoweredKernel(name="k", backend="cuda", source="", header="", input_names=("x",),
+                           output_names=("y",), template_args=(), grid=(32, 1, 1),
+                           threadgroup=(32, 1, 1), shared_memory=0, output_shapes=((4,),),
+                           output_dtypes=("float32",))
     with pytest.raises(ke.BackendNotSupportedError, match="no CUDA back-end"):
-        ke.ops._ext.launch(kernel, [mx.ones(4)])
+        gpu.launch.native_launch(kernel, [mx.ones(4)])

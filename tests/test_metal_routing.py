@@ -122,7 +122,7 @@ def test_without_metal_the_launch_is_a_clear_error():
     (kernel,) = lowering.lower_matmul(cfg, matmul_features(8, 8, 8, dtype="f32")).kernels
     inputs = [mx.zeros((8, 8)), mx.zeros((8, 8)), mx.array(kernel.sizes, dtype=mx.int32)]
     with pytest.raises(ke.BackendNotSupportedError, match="no Metal back-end"):
-        gpu.ext.launch(gpu._ext_kernel(kernel), inputs, stream=None)
+        gpu.launch.native_launch(kernel, inputs, stream=None)
 
 
 def test_a_window_with_more_queries_than_keys_goes_to_mlx_on_every_chip():

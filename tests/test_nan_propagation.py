@@ -296,8 +296,8 @@ def cuda(monkeypatch):
     from kernelevo.ops import gpu
 
     launch = EmulatedLaunch()
-    monkeypatch.setattr(gpu, "launch_kernel", launch)
-    monkeypatch.setattr(gpu, "require_gpu", lambda op: "cuda")
+    monkeypatch.setattr(gpu.launch, "launch_kernel", launch)
+    monkeypatch.setattr(gpu.launch, "require_gpu", lambda op: "cuda")
     real_detect = chips.detect
     h100 = chips.from_id("nvidia-h100")
     monkeypatch.setattr(chips, "detect", lambda backend="cpu": h100 if backend == "cuda" else real_detect(backend))

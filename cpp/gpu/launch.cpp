@@ -5,7 +5,6 @@
 
 #include "common/errors.h"
 #include "mlx/backend/cuda/cuda.h"
-#include "mlx/fast.h"
 
 namespace kernelevo::gpu {
 
@@ -32,7 +31,7 @@ Cache& cache() {
   return *instance;
 }
 
-mx::fast::CustomKernelFunction create(const Kernel& k) {
+mx::fast::CustomKernelFunction create(const KernelSource& k) {
   if (k.backend == "cuda") {
     if (!mx::cu::is_available()) {
       throw BackendNotSupported(
@@ -50,49 +49,56 @@ mx::fast::CustomKernelFunction create(const Kernel& k) {
   throw std::invalid_argument("[kernelevo.launch] unknown GPU backend '" + k.backend + "'");
 }
 
+mx::fast::CustomKernelFunction function_for(const KernelSource& k) {
+  auto& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  const std::string key = k.backend + "/" + k.name;
+  auto it = c.functions.find(key);
+  if (it == c.functions.end()) it = c.functions.emplace(key, create(k)).first;
+  return it->second;
+}
+
 }  // namespace
 
-std::vector<mx::array> launch(const Kernel& k, const std::vector<mx::array>& inputs,
-                              mx::StreamOrDevice stream) {
-  if (inputs.size() != k.input_names.size()) {
-    throw std::invalid_argument("[kernelevo.launch] " + k.name + " takes " +
-                                std::to_string(k.input_names.size()) + " inputs, got " +
-                                std::to_string(inputs.size()));
-  }
-  if (k.output_shapes.size() != k.output_names.size() ||
-      k.output_dtypes.size() != k.output_names.size()) {
+Launch::Launch(const KernelSource& k, const LaunchShape& shape)
+    : backend_(k.backend),
+      name_(k.name),
+      inputs_(k.input_names.size()),
+      grid_(shape.grid),
+      threadgroup_(shape.threadgroup),
+      init_value_(shape.init_value) {
+  if (shape.output_shapes.size() != k.output_names.size() ||
+      shape.output_dtypes.size() != k.output_names.size()) {
     throw std::invalid_argument("[kernelevo.launch] " + k.name +
                                 ": one shape and one dtype per output");
   }
-  mx::fast::CustomKernelFunction function;
-  {
-    auto& c = cache();
-    std::lock_guard<std::mutex> lock(c.mutex);
-    const std::string key = k.backend + "/" + k.name;
-    auto it = c.functions.find(key);
-    if (it == c.functions.end()) it = c.functions.emplace(key, create(k)).first;
-    function = it->second;
-  }
-  std::vector<mx::Shape> shapes;
-  for (const auto& shape : k.output_shapes) shapes.emplace_back(shape.begin(), shape.end());
-  std::vector<mx::Dtype> dtypes;
-  for (const auto& name : k.output_dtypes) dtypes.push_back(dtype_named(name));
-  std::vector<std::pair<std::string, mx::fast::TemplateArg>> args;
-  for (const auto& [name, value] : k.template_args) {
+  for (const auto& s : shape.output_shapes) output_shapes_.emplace_back(s.begin(), s.end());
+  for (const auto& name : shape.output_dtypes) output_dtypes_.push_back(dtype_named(name));
+  for (const auto& [name, value] : shape.template_args) {
     if (auto* b = std::get_if<bool>(&value)) {
-      args.emplace_back(name, *b);
+      template_args_.emplace_back(name, *b);
     } else if (auto* i = std::get_if<int>(&value)) {
-      args.emplace_back(name, *i);
+      template_args_.emplace_back(name, *i);
     } else {
-      args.emplace_back(name, dtype_named(std::get<std::string>(value)));
+      template_args_.emplace_back(name, dtype_named(std::get<std::string>(value)));
     }
   }
+  function_ = function_for(k);
+}
+
+std::vector<mx::array> Launch::operator()(const std::vector<mx::array>& inputs,
+                                          mx::StreamOrDevice stream) const {
+  if (inputs.size() != inputs_) {
+    throw std::invalid_argument("[kernelevo.launch] " + name_ + " takes " +
+                                std::to_string(inputs_) + " inputs, got " +
+                                std::to_string(inputs.size()));
+  }
   try {
-    return function(inputs, shapes, dtypes, k.grid, k.threadgroup, args, k.init_value, false,
-                    stream);
+    return function_(inputs, output_shapes_, output_dtypes_, grid_, threadgroup_, template_args_,
+                     init_value_, false, stream);
   } catch (const std::runtime_error& e) {
-    if (k.backend == "metal" && std::string(e.what()).find("No Metal back-end") != std::string::npos) {
-      throw BackendNotSupported("[kernelevo.launch] " + k.name +
+    if (backend_ == "metal" && std::string(e.what()).find("No Metal back-end") != std::string::npos) {
+      throw BackendNotSupported("[kernelevo.launch] " + name_ +
                                 ": this MLX has no Metal back-end (Metal kernels run on Apple "
                                 "silicon under macOS, with the `mlx` wheel built for it)");
     }
@@ -104,6 +110,13 @@ size_t cached_kernels() {
   auto& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
   return c.functions.size();
+}
+
+bool any_tracer(const std::vector<mx::array>& arrays) {
+  for (const auto& a : arrays) {
+    if (a.is_tracer()) return true;
+  }
+  return false;
 }
 
 }  // namespace kernelevo::gpu

@@ -373,11 +373,16 @@ def available_backends() -> tuple[str, ...]:
     return tuple(found)
 
 
+def gpu_backend() -> str:
+    """The kernelevo backend of this machine's GPU (where MLX has one)."""
+    import mlx.core as mx
+
+    return "metal" if mx.metal.is_available() else "cuda"
+
+
 def default_backend() -> str:
     """The backend of MLX's default device."""
     import mlx.core as mx
 
-    if mx.default_device() == mx.cpu:
-        return "cpu"
-    return "metal" if mx.metal.is_available() else "cuda"
+    return "cpu" if mx.default_device() == mx.cpu else gpu_backend()
 

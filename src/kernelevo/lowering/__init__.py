@@ -1,6 +1,6 @@
 """Lowering: a KernelConfig and a call's features -> the GPU kernels that run it.
 
-A lowered kernel is everything `kernelevo._ext.launch` hands to MLX's `fast::cuda_kernel`
+A lowered kernel is everything `kernelevo._ext.GpuLaunch` hands to MLX's `fast::cuda_kernel`
 (or `fast::metal_kernel`): the body and header sources, input and output names, template
 arguments, grid (in threads) and threadgroup, shared memory, output shapes and dtypes.
 Problem sizes travel in a small int32 input (`sizes`), not as template arguments, so one

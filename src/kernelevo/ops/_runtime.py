@@ -35,12 +35,12 @@ def forget_selections() -> None:
 
 def backend_of_device(device: str) -> str:
     """'cpu' or 'gpu' (as the extension reports a call's device) -> a kernelevo backend."""
-    if device == "cpu":
-        return "cpu"
-    return "metal" if mx.metal.is_available() else "cuda"
+    return "cpu" if device == "cpu" else chips.gpu_backend()
 
 
 def stream_backend(stream) -> str:
+    """The kernelevo backend that runs an op on `stream` (None: MLX's default device; a
+    Stream, Device or DeviceType)."""
     if stream is None:
         return chips.default_backend()
     if isinstance(stream, mx.DeviceType):
@@ -49,7 +49,7 @@ def stream_backend(stream) -> str:
         kind = stream.type
     else:
         kind = stream.device.type
-    return "cpu" if kind == mx.DeviceType.cpu else backend_of_device("gpu")
+    return "cpu" if kind == mx.DeviceType.cpu else chips.gpu_backend()
 
 
 def as_config(config: KernelConfig | str, op: str, backend: str) -> KernelConfig:

@@ -7,6 +7,8 @@ builds without a configuration — including those inside gradients.
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 
 from .. import chips
@@ -64,11 +66,11 @@ def matmul(a: mx.array, b: mx.array, *, transpose_a: bool = False, transpose_b: 
     "gemm mc=96 nc=1024 kc=256 mr=6 nr=64 threads=2 split=m engine=fma pack_a=yes
     epilogue=fused"); by default the heuristics in force for this chip choose.
     """
-    epilogue = _epilogue_args(bias, activation, residual, scale)
     if stream_backend(stream) in gpu.GPU_BACKENDS:
         return gpu.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b, config=config,
                           epilogue=_gpu_epilogue(bias, activation, residual, scale), bias=bias,
                           residual=residual, stream=stream)
+    epilogue = _epilogue_args(bias, activation, residual, scale)
     if config is None:
         return ext.matmul(a, b, None, {}, transpose_a, transpose_b, stream=stream, **epilogue)
     return matmul_launcher(a, b, config, transpose_a=transpose_a, transpose_b=transpose_b,
@@ -85,9 +87,13 @@ def _epilogue_args(bias, activation, residual, scale) -> dict:
 def _gpu_epilogue(bias, activation, residual, scale) -> Epilogue:
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a number, not {type(scale).__name__}")
-    return Epilogue(bias=bias is not None, activation=activation or "none",
-                    residual=residual is not None,
-                    alpha=None if scale is None or float(scale) == 1.0 else float(scale))
+    return _epilogue(bias is not None, activation or "none", residual is not None,
+                     None if scale is None or float(scale) == 1.0 else float(scale))
+
+
+@functools.lru_cache(maxsize=1024)
+def _epilogue(bias: bool, activation: str, residual: bool, alpha: float | None) -> Epilogue:
+    return Epilogue(bias=bias, activation=activation, residual=residual, alpha=alpha)
 
 
 def epilogue_kind(bias=None, activation=None, residual=None, scale=None) -> str:
