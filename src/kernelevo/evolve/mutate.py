@@ -35,6 +35,7 @@ from ..dsl import ast, format_program
 from ..dsl.errors import DSLError
 from ..dsl.evaluate import residual
 from ..dsl.select import CompiledProgram
+from ..families import MLX_BUILTIN
 from ..tune import distill
 from ..tune.workloads import Shape
 from .fitness import Rejected, compile_program
@@ -59,7 +60,7 @@ def vocabulary_from(db_rows: Sequence, shapes: Sequence[Shape]) -> Vocabulary:
     keys = {s.key: s.op for s in shapes}
     out: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     for r in db_rows:
-        if r.shape_key in keys and r.usable and r.config != r.baseline_config and r.config != "mlx":
+        if r.shape_key in keys and r.usable and r.config != r.baseline_config and r.config != MLX_BUILTIN:
             out[keys[r.shape_key]][r.config][r.shape_key] = r.ratio
     return Vocabulary({op: dict(v) for op, v in out.items()})
 

@@ -15,7 +15,7 @@ from .cuda_attention import CUDA_ATTENTION_FAMILIES
 from .cuda_matmul import CUDA_MATMUL_FAMILIES
 from .metal_attention import METAL_ATTENTION_FAMILIES
 from .metal_matmul import METAL_MATMUL_FAMILIES
-from .schema import Call, Constraint, Family, Param, Params, ParamValue
+from .schema import MLX_BUILTIN, Call, Constraint, Family, Param, Params, ParamValue
 
 ALL_FAMILIES: tuple[Family, ...] = (
     CPU_MATMUL_FAMILIES + CPU_ATTENTION_FAMILIES
@@ -35,7 +35,7 @@ def families_for(op: str, backend: str) -> tuple[Family, ...]:
 
 
 __all__ = [
-    "ALL_FAMILIES", "AMX_TILES", "CPU_DECODE", "CPU_DECODE_SPLIT", "CPU_ENGINES", "CPU_FLASH",
+    "ALL_FAMILIES", "AMX_TILES", "MLX_BUILTIN", "CPU_DECODE", "CPU_DECODE_SPLIT", "CPU_ENGINES", "CPU_FLASH",
     "CPU_GEMM", "CPU_GEMV", "CPU_TILE_COLS", "CPU_TILE_ROWS", "Call", "register_tiles",
     "Constraint", "Family", "Param", "ParamValue", "Params", "families_for", "family",
 ]

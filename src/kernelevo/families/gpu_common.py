@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..features import is_causal
-from .schema import Constraint, Family, Param
+from .schema import MLX_BUILTIN, Constraint, Family, Param
 
 ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}
 
@@ -35,7 +35,7 @@ def memory_fit(bytes_of, text: str, expr: str) -> tuple[Constraint, Constraint]:
 
 def builtin(op: str, backend: str) -> Family:
     what = "mx.matmul" if op == "matmul" else "mx.fast.scaled_dot_product_attention"
-    return Family(op=op, backend=backend, name="mlx", params=(),
+    return Family(op=op, backend=backend, name=MLX_BUILTIN, params=(),
                   doc=f"Run MLX's own kernel ({what}): the choice that is never slower than "
                       f"stock MLX, for calls where no kernelevo kernel is known to be faster.")
 

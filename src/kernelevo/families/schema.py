@@ -21,6 +21,10 @@ Params = Mapping[str, ParamValue]
 Call = Mapping[str, Any]
 
 
+#: the family (and the configuration text) of MLX's own op, the baseline of every backend
+MLX_BUILTIN = "mlx"
+
+
 @dataclass(frozen=True)
 class Param:
     name: str

@@ -257,9 +257,6 @@ MIGRATIONS: list[str] = [
 #: measurement phases, weakest evidence first (see the module's docstring)
 PHASES = ("search", "control", "confirm", "reproduce")
 
-#: what `config` holds for the built-in MLX op measured as a baseline
-MLX_BUILTIN = "mlx"
-
 
 @dataclass(frozen=True)
 class Measurement:

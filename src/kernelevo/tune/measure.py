@@ -25,7 +25,8 @@ from ..config import KernelConfig
 from ..dsl import parse
 from ..dsl.select import CompiledProgram
 from ..lowering import templates_hash
-from .db import MLX_BUILTIN, Database, Measurement
+from ..families import MLX_BUILTIN
+from .db import Database, Measurement
 from .pool import DEFAULT_COMMAND, WorkerPool
 from .workloads import Shape
 

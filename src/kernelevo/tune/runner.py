@@ -41,7 +41,8 @@ from ..families import families_for
 from ..heuristics import seed_program
 from ..paths import check_writable, tuned_heuristics_path
 from . import DEFAULT_CANDIDATES, distill
-from .db import MLX_BUILTIN, Database, Measurement, one_line
+from ..families import MLX_BUILTIN
+from .db import Database, Measurement, one_line
 from .distill import Distilled, Evidence, TunedRule
 from .measure import MeasureSettings, Measurer, geomean, noise_band, shape_json
 from .pool import DEFAULT_COMMAND

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from ..config import ConfigError
 from ..dsl import DSLError
 from ..dsl.select import CompiledProgram
-from .db import MLX_BUILTIN, Database, Measurement
+from ..families import MLX_BUILTIN
+from .db import Database, Measurement
 from .measure import Measurer, geomean, noise_band
 from .workloads import Shape
 

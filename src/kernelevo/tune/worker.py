@@ -21,7 +21,7 @@ import mlx.core as mx
 from ..config import ConfigError, KernelConfig
 from ..dsl import DSLError
 from .adapters import ADAPTERS
-from .db import MLX_BUILTIN
+from ..families import MLX_BUILTIN
 from .timing import time_one, time_paired
 from .correctness import compare
 from .workloads import AttentionShape, MatmulShape

@@ -13,6 +13,7 @@ import mlx.core as mx
 
 from ... import chips
 from ...config import KernelConfig
+from ...families import MLX_BUILTIN
 from ...features import attention_features
 from .._runtime import as_config, select, selection_cache
 from . import launch
@@ -108,7 +109,7 @@ def prepare(q, k, v, *, scale, mask, softcap, window, config,
     else:
         cfg = as_config(config, "attention", backend)
         cfg.check(chips.detect(backend), features)
-    if cfg.family == "mlx":
+    if cfg.family == MLX_BUILTIN:
         return lambda q, k, v, mask: mlx_attention(q, k, v, scale=scale, mask=mask, softcap=softcap,
                                                    window=window, stream=stream)
     if v.shape[-1] != q.shape[-1]:

@@ -17,6 +17,7 @@ import mlx.core as mx
 
 from ... import chips
 from ...config import KernelConfig
+from ...families import MLX_BUILTIN
 from ...features import DTYPE_SYMBOL, Epilogue, matmul_features
 from ...lowering import cuda as cuda_lowering
 from ...lowering import metal as metal_lowering
@@ -132,7 +133,7 @@ def prepare(a, b, *, transpose_a, transpose_b, config, epilogue, bias, residual,
         return (None if bias is None else bias.astype(dtype).reshape(-1),
                 None if residual is None else mx.broadcast_to(residual.astype(dtype), call.out_shape))
 
-    if cfg.family == "mlx":
+    if cfg.family == MLX_BUILTIN:
         def build_mlx(a, b, bias, residual):
             y = mx.matmul(mx.swapaxes(a, -1, -2) if transpose_a else a,
                           mx.swapaxes(b, -1, -2) if transpose_b else b, stream=stream)
