@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..features import is_causal
 from .schema import MLX_BUILTIN, Constraint, Family, Param
 
 ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2}

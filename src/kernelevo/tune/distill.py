@@ -40,7 +40,6 @@ from ..dsl import ast
 from ..dsl.evaluate import Env, compile_expr, literal, residual
 from ..dsl.formatter import format_program
 from ..dsl.parser import parse_expression
-from .measure import geomean
 from .workloads import Shape
 
 MAX_DEPTH = 3

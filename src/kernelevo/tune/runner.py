@@ -22,7 +22,6 @@ moment resumes where it stopped.
 from __future__ import annotations
 
 import glob
-import math
 import os
 import re
 import time

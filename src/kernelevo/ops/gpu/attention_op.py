@@ -15,12 +15,11 @@ from ... import chips
 from ...config import KernelConfig
 from ...families import MLX_BUILTIN
 from ...features import attention_features
-from .._runtime import as_config, select, selection_cache
+from .._runtime import as_config, selection_cache
 from . import launch
 from .matmul_op import LOWERING, MX_TYPES
 from .mlx_ops import mlx_attention
 
-_choices = selection_cache()  # call features -> the heuristics' configuration
 _prepared = selection_cache()  # call signature -> the function that builds the call
 
 
@@ -69,11 +68,7 @@ def describe_attention(q, k, v, mask, softcap, window) -> tuple[dict, str, mx.ar
 
 
 def select_attention_config(features: dict) -> KernelConfig:
-    key = tuple(features.values())
-    hit = _choices.get(key)
-    if hit is None:
-        hit = _choices[key] = select("attention", features, chips.gpu_backend()).config
-    return hit
+    return launch.select_config("attention", features)
 
 
 def _mask_layout(mask: mx.array, shape4) -> tuple[mx.array, tuple[int, int, int, int]]:

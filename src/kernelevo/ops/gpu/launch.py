@@ -14,11 +14,22 @@ import mlx.core as mx
 
 from ... import chips
 from ...lowering import LoweredKernel, Plan
-from .._runtime import BackendNotSupportedError, ext, selection_cache
+from ...config import KernelConfig
+from .._runtime import BackendNotSupportedError, ext, select, selection_cache
 
 GPU_BACKENDS = ("cuda", "metal")
 
 _launches = selection_cache()  # id(LoweredKernel) -> (the kernel, its extension launch)
+_choices = {"matmul": selection_cache(), "attention": selection_cache()}  # op -> features -> config
+
+
+def select_config(op: str, features: dict) -> KernelConfig:
+    """The heuristics' configuration for a call's features on this machine's GPU."""
+    key = tuple(features.values())
+    hit = _choices[op].get(key)
+    if hit is None:
+        hit = _choices[op][key] = select(op, features, chips.gpu_backend()).config
+    return hit
 
 
 def require_gpu(op: str) -> str:

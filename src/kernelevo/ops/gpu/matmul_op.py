@@ -21,14 +21,13 @@ from ...families import MLX_BUILTIN
 from ...features import DTYPE_SYMBOL, Epilogue, matmul_features
 from ...lowering import cuda as cuda_lowering
 from ...lowering import metal as metal_lowering
-from .._runtime import as_config, ext, select, selection_cache
+from .._runtime import as_config, ext, selection_cache
 from . import launch
 from .mlx_ops import apply_epilogue
 
 LOWERING = {"cuda": cuda_lowering, "metal": metal_lowering}  # backend -> its lowering module
 MX_TYPES = {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
 
-_choices = selection_cache()  # call features -> the heuristics' configuration
 _prepared = selection_cache()  # call signature -> the function that builds the call
 
 
@@ -93,11 +92,7 @@ def describe(a: mx.array, b: mx.array, ta: bool, tb: bool) -> MatmulCall:
 
 
 def select_matmul_config(features: dict) -> KernelConfig:
-    key = tuple(features.values())
-    hit = _choices.get(key)
-    if hit is None:
-        hit = _choices[key] = select("matmul", features, chips.gpu_backend()).config
-    return hit
+    return launch.select_config("matmul", features)
 
 
 def matmul(a: mx.array, b: mx.array, *, transpose_a: bool = False, transpose_b: bool = False,
