@@ -17,6 +17,7 @@
 #include "matmul/cpu_gemm.h"
 #include "matmul/matmul.h"
 #include "mlx/version.h"
+#include "rowwise/rowwise.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -157,6 +158,23 @@ NB_MODULE(_ext, m) {
       "params"_a = ke::ParamMap{}, "stream"_a = nb::none(),
       "softmax(mask(softcap(scale * q k^T))) v with the given kernel configuration, or the "
       "registered heuristics' choice when family is None.");
+
+  m.def(
+      "rms_norm",
+      [](const mx::array& x, const std::optional<mx::array>& weight, float eps,
+         const nb::object& stream) { return ke::rms_norm(x, weight, eps, stream_or_device(stream)); },
+      "x"_a, "weight"_a.none(), "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
+      "x * rsqrt(mean(x^2, -1) + eps) * weight in one pass (mx.fast.rms_norm's result).");
+
+  m.def(
+      "rope",
+      [](const mx::array& x, int dims, bool traditional, std::optional<float> base, float scale,
+         const mx::array& offset, const std::optional<mx::array>& freqs, const nb::object& stream) {
+        return ke::rope(x, dims, traditional, base, scale, offset, freqs, stream_or_device(stream));
+      },
+      "x"_a, "dims"_a, nb::kw_only(), "traditional"_a, "base"_a.none(), "scale"_a, "offset"_a,
+      "freqs"_a.none() = nb::none(), "stream"_a = nb::none(),
+      "Rotary position embedding in one pass (mx.fast.rope's result).");
 
   m.def(
       "set_attention_selector",
