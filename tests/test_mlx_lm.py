@@ -101,6 +101,13 @@ def test_patched_logits_agree_with_stock(family, dtype):
     assert sum(n for kind, n in check.counts.items() if kind.startswith("mlp")) == layers
     # the embedding is replaced only where it is also the output head
     assert ("embedding as_linear" in check.counts) == PRESETS[family].get("tie_word_embeddings", True)
+    # nn.RMSNorm and nn.RoPE themselves are replaced; Gemma's own norm (1 + weight) is not
+    gemma = family.startswith("tiny-gemma")
+    assert ("rms_norm" in check.counts) == (not gemma)
+    if not gemma:
+        assert check.counts["rms_norm"] >= 2 * layers + 1
+    # nn.RoPE where the model uses it (Llama's preset has llama3 scaling: its own class)
+    assert check.counts.get("rope", 0) == (0 if family == "tiny-llama" else layers)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -359,7 +366,8 @@ def test_bench_model_runs_end_to_end_on_a_tiny_config(tmp_path):
     assert sum(n for kind, n in decode.items() if kind.startswith("attention ")) == 3
     assert decode["matmul gemv"] == 22  # 7 linears in each of 3 layers, and the tied head
     assert data["ratio"]["generation_tps"]["median"] > 0
-    assert set(data["token_breakdown_s"]["patched"]) == {"token", "linears", "attention", "rest"}
+    assert set(data["token_breakdown_s"]["patched"]) == {"token", "linears", "attention", "norms and rope",
+                                                         "patched", "rest"}
 
 
 @pytest.mark.parametrize("args, message", [

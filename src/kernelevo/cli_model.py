@@ -98,9 +98,10 @@ def _print_result(result, bench) -> None:
           f"(patched ops replayed alone on the token's inputs, in one evaluation):")
     for variant in bench.VARIANTS:
         p = parts[variant]
-        share = (p["linears"] + p["attention"]) / p["token"]
+        share = p["patched"] / p["token"]
         print(f"  {variant:8s} token {p['token'] * 1e3:7.1f}  linears {p['linears'] * 1e3:7.1f}  attention "
-              f"{p['attention'] * 1e3:6.2f}  rest {p['rest'] * 1e3:6.1f}  (patched ops {share:.0%} of the "
+              f"{p['attention'] * 1e3:6.2f}  norms and rope {p['norms and rope'] * 1e3:6.2f}  "
+              f"rest {p['rest'] * 1e3:6.1f}  (patched ops {share:.0%} of the "
               f"token; graph building {result.profile.build_s[variant] * 1e3:.1f})")
     for name, (n, seconds) in result.profile.unpatched.items():
         print(f"  of the rest, MLX's mx.fast.{name}: {n} calls, {seconds * 1e3:.1f} ms (the same in both)")

@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .parity import LogitsCheck, check_logits, vocab_size
-from .patching import Call, Patch, linear, patch, recording
+from .patching import Call, linear, patch, recording, rms_norm, rope
 
 VARIANTS = ("stock", "patched")
 
@@ -279,6 +279,10 @@ def _mlx_call(call: Call) -> mx.array:
         bias, activation = call.kwargs["bias"], call.kwargs["activation"]
         y = x @ w.T
         return apply_epilogue(y, Epilogue(bias=bias is not None, activation=activation or "none"), bias, None)
+    if call.op == "rms_norm":
+        return mx.fast.rms_norm(*call.args, call.kwargs["eps"])
+    if call.op == "rope":
+        return mx.fast.rope(*call.args, **call.kwargs)
     q, k, v = call.args
     return mlx_attention(q, k, v, scale=call.kwargs["scale"], mask=call.kwargs["mask"],
                          softcap=call.kwargs["softcap"], window=None)
@@ -290,6 +294,10 @@ def _ke_call(call: Call) -> mx.array:
     if call.op == "matmul":
         x, w = call.args
         return linear(x, w, call.kwargs["bias"], call.kwargs["activation"])
+    if call.op == "rms_norm":
+        return rms_norm(*call.args, call.kwargs["eps"])
+    if call.op == "rope":
+        return rope(*call.args, **call.kwargs)
     q, k, v = call.args
     return attention(q, k, v, scale=call.kwargs["scale"], mask=call.kwargs["mask"],
                      softcap=call.kwargs["softcap"])
@@ -327,7 +335,7 @@ def profile_token(model: nn.Module, prompt: mx.array, reps: int = 15) -> Profile
         if mine:
             unpatched[name] = (len(mine), _median_time(lambda: mx.eval([f(*a, **k) for f, a, k in mine]), reps))
     replay = {}
-    for op in ("matmul", "attention"):
+    for op in PATCHED_OPS:
         mine = [c for c in calls if c.op == op]
         for variant, build in (("stock", _mlx_call), ("patched", _ke_call)):
             replay[(variant, op)] = _median_time(lambda: mx.eval([build(c) for c in mine]), reps)
@@ -343,6 +351,10 @@ def profile_token(model: nn.Module, prompt: mx.array, reps: int = 15) -> Profile
 
 
 UNPATCHED = ("rms_norm", "layer_norm", "rope")  # mx.fast ops a token spends time in
+PATCHED_OPS = ("matmul", "attention", "rms_norm", "rope")  # replayed, stock and patched
+#: the parts of a decode token: (name, the patched ops replayed for it)
+TOKEN_PARTS = (("linears", ("matmul",)), ("attention", ("attention",)),
+               ("norms and rope", ("rms_norm", "rope")))
 
 
 @contextmanager
@@ -383,9 +395,12 @@ def token_breakdown(result: BenchResult) -> dict[str, dict[str, float]]:
     parts = {}
     for variant in VARIANTS:
         token = result.token_s(variant)
-        linears, attn = p.replay_s[(variant, "matmul")], p.replay_s[(variant, "attention")]
-        parts[variant] = {"token": token, "linears": linears, "attention": attn,
-                          "rest": max(token - linears - attn, 0.0)}
+        parts[variant] = {"token": token}
+        for name, ops in TOKEN_PARTS:
+            parts[variant][name] = sum(p.replay_s.get((variant, op), 0.0) for op in ops)
+        patched = sum(parts[variant][name] for name, _ in TOKEN_PARTS)
+        parts[variant]["patched"] = patched
+        parts[variant]["rest"] = max(token - patched, 0.0)
     return parts
 
 
@@ -421,7 +436,8 @@ def plot(result: BenchResult, path) -> "Path":
         ax = axes[2]
         parts = token_breakdown(result)
         bottoms = [0.0, 0.0]
-        for part, color in (("linears", "#3b7dd8"), ("attention", "#e3a23b"), ("rest", "#c9c9c9")):
+        for part, color in (("linears", "#3b7dd8"), ("attention", "#e3a23b"), ("norms and rope", "#5fb36b"),
+                            ("rest", "#c9c9c9")):
             values = [parts[v][part] * 1e3 for v in VARIANTS]
             ax.bar([0, 1], values, bottom=bottoms, color=color, label=part, width=0.6)
             bottoms = [b + v for b, v in zip(bottoms, values)]

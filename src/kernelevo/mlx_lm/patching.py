@@ -13,6 +13,9 @@ What is replaced, in place, and undone by `Patch.unpatch()`:
 - `scaled_dot_product_attention` as mlx-lm's model modules import it from
   `mlx_lm.models.base`: `kernelevo.attention` with the model's mask ("causal", a boolean or
   an additive array, or none); a quantized KV cache and attention sinks stay MLX's.
+- `nn.RMSNorm` and `nn.RoPE` (the classes themselves, not subclasses or look-alikes):
+  `kernelevo.rms_norm` and `kernelevo.rope`, one pass each on the CPU where MLX's CPU
+  back-end runs a chain of generic ops (on a GPU they run MLX's kernels).
 - Attention that a model computes in its own code, where kernelevo has a replacement
   written against that exact code (Gemma-2: logit softcapping): `kernelevo.attention` with
   `softcap`.
@@ -49,6 +52,9 @@ from ..ops import _ext
 from ..ops import attention as ke_attention
 from ..ops import attention_op, matmul_op
 from ..ops import matmul as ke_matmul
+from ..ops import rms_norm as ke_rms_norm
+from ..ops import rope as ke_rope
+from ..ops._runtime import stream_backend
 
 FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 SDPA_NAME = "scaled_dot_product_attention"
@@ -62,7 +68,7 @@ class Call:
     """One call a patched layer built: its op, features, kernel configuration, and (when
     the recorder keeps them) the arguments, so that it can be replayed."""
 
-    op: str  # "matmul" or "attention"
+    op: str  # "matmul", "attention", "rms_norm" or "rope"
     features: dict
     config: tuple[str, dict] | None  # (family, parameters) the extension chose
     args: tuple = ()
@@ -80,9 +86,10 @@ class Recorder:
         self.keep_arguments = keep_arguments
         self.calls: list[Call] = []
 
-    def add(self, op: str, features: dict, out: mx.array, args: tuple, kwargs: dict) -> None:
+    def add(self, op: str, features: dict, out: mx.array, args: tuple, kwargs: dict,
+            config: tuple[str, dict] | None = None) -> None:
         keep = self.keep_arguments
-        self.calls.append(Call(op, features, _ext.config_of(out), args if keep else (),
+        self.calls.append(Call(op, features, config or _ext.config_of(out), args if keep else (),
                                kwargs if keep else {}))
 
     def families(self) -> Counter:
@@ -132,6 +139,45 @@ class KernelevoLinear(nn.Linear):
 
     def __call__(self, x: mx.array) -> mx.array:
         return linear(x, self["weight"], self.get("bias"))
+
+
+ROWWISE_ONE_PASS = ("one-pass", {})  # the "configuration" of ke.rms_norm / ke.rope on the CPU
+
+
+def _rowwise_config() -> tuple[str, dict] | None:
+    return ROWWISE_ONE_PASS if stream_backend(None) == "cpu" else None
+
+
+def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
+    y = ke_rms_norm(x, weight, eps)
+    if _recorder is not None:
+        _recorder.add("rms_norm", {"rows": x.size // x.shape[-1], "dims": x.shape[-1]}, y,
+                      (x, weight), {"eps": eps}, _rowwise_config())
+    return y
+
+
+def rope(x: mx.array, dims: int, *, traditional: bool, base, scale: float, offset) -> mx.array:
+    kwargs = dict(traditional=traditional, base=base, scale=scale, offset=offset)
+    y = ke_rope(x, dims, **kwargs)
+    if _recorder is not None:
+        _recorder.add("rope", {"shape": tuple(x.shape), "dims": dims}, y, (x, dims), kwargs,
+                      _rowwise_config())
+    return y
+
+
+class KernelevoRMSNorm(nn.RMSNorm):
+    """nn.RMSNorm run by kernelevo.rms_norm."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return rms_norm(x, self["weight"], self.eps)
+
+
+class KernelevoRoPE(nn.RoPE):
+    """nn.RoPE run by kernelevo.rope."""
+
+    def __call__(self, x: mx.array, offset=0) -> mx.array:
+        return rope(x, self.dims, traditional=self.traditional, base=self.base, scale=self.scale,
+                    offset=offset)
 
 
 class KernelevoEmbedding(nn.Embedding):
@@ -466,6 +512,16 @@ def _patch_leaf(handle: Patch, path: str, module: nn.Module, tied: bool) -> None
         else:
             handle._swap_class(module, KernelevoEmbedding)
             handle._replace("embedding as_linear", path)
+    elif cls is nn.RMSNorm or cls is nn.RoPE:
+        reason = _float_weights(module)
+        if reason:
+            handle.skipped.append(Skipped(path, what, reason))
+        elif cls is nn.RMSNorm:
+            handle._swap_class(module, KernelevoRMSNorm)
+            handle._replace("rms_norm", path)
+        else:
+            handle._swap_class(module, KernelevoRoPE)
+            handle._replace("rope", path)
     elif hasattr(module, "bits") or cls.__name__.startswith("Quantized") or cls.__name__.startswith("QQ"):
         handle.skipped.append(Skipped(path, what, "quantized: stays MLX's (quantized_matmul)"))
     elif isinstance(module, (nn.Linear, nn.Embedding)):
@@ -473,6 +529,9 @@ def _patch_leaf(handle: Patch, path: str, module: nn.Module, tied: bool) -> None
                                                   f"its own code: stays MLX's"))
     elif cls.__name__.endswith("Linear"):
         handle.skipped.append(Skipped(path, what, "not an nn.Linear: stays MLX's"))
+    elif cls.__name__.endswith(("RMSNorm", "RoPE")):
+        handle.skipped.append(Skipped(path, what, "its own norm or rotary code, not nn.RMSNorm / "
+                                                  "nn.RoPE: stays MLX's"))
 
 
 def _patch_mlp(handle: Patch, path: str, module: nn.Module) -> None:

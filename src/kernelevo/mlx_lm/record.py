@@ -32,7 +32,7 @@ def record_calls(model, prompt_tokens: int = 512, seed: int = 0) -> dict[str, li
             with recording() as recorder:
                 logits = model(tokens, cache=cache)
             mx.eval(logits)
-            phases[phase] = recorder.calls
+            phases[phase] = [c for c in recorder.calls if c.op in ("matmul", "attention")]  # what tune times
     return phases
 
 
