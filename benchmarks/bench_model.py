@@ -123,20 +123,26 @@ def section(datasets: list[dict]) -> str:
             for variant in ("stock", "patched"):
                 p = t[variant]
                 lines.append(f"| {variant} | {p['token'] * 1e3:.1f} | {p['linears'] * 1e3:.1f} | "
-                             f"{p['attention'] * 1e3:.2f} | {p.get('norms and rope', 0.0) * 1e3:.2f} | "
+                             f"{p['attention'] * 1e3:.2f} | {_ms(p.get('norms and rope'))} | "
                              f"{p['rest'] * 1e3:.1f} | "
                              f"{(p['token'] - p['rest']) / p['token']:.0%} | "
                              f"{d['graph_build_s'][variant] * 1e3:.1f} |")
             unpatched = "; ".join(f"`mx.fast.{n}` {u['calls']} calls {u['s'] * 1e3:.1f} ms"
                                   for n, u in d.get("unpatched_ops_s", {}).items())
             weights_ms = d["weight_bytes"] / (m["read_gbs_now"] * 1e9) * 1e3
-            lines += ["", f"Of the rest (MLX's, the same ops in both): {unpatched}. Reading the "
-                          f"weights once at the bandwidth measured before the run takes {weights_ms:.0f} ms "
+            unpatched = (f"Of the rest (MLX's, the same ops in both): {unpatched}." if unpatched
+                         else "No MLX op among those timed alone is left unpatched.")
+            lines += ["", f"{unpatched} Reading the weights once at the bandwidth measured before the run takes {weights_ms:.0f} ms "
                           f"({1e3 / weights_ms:.1f} tok/s); the patched linears read them at "
                           f"{d['weight_bytes'] / t['patched']['linears'] / 1e9:.1f} GB/s."]
         lines.append("")
     lines.append(END)
     return "\n".join(lines) + "\n"
+
+
+def _ms(seconds: float | None) -> str:
+    """A part a run did not time (results from before it was a part of its own) is shown as such."""
+    return "not timed" if seconds is None else f"{seconds * 1e3:.2f}"
 
 
 def _families(counter: dict) -> str:
