@@ -41,7 +41,8 @@ from machine_limits import load_or_measure  # noqa: E402
 
 import kernelevo as ke  # noqa: E402
 from kernelevo import chips  # noqa: E402
-from kernelevo.tune.timing import time_one, time_paired  # noqa: E402
+from kernelevo.tune.adapters import chained  # noqa: E402
+from kernelevo.tune.timing import eager, time_one, time_paired  # noqa: E402
 from kernelevo.tune.correctness import TOLERANCE  # noqa: E402
 
 RESULTS_MD = HERE / "RESULTS.md"
@@ -91,16 +92,6 @@ def make_inputs(shape_q, shape_kv, dtype, seed=0):
     return mine, theirs
 
 
-def torch_launch(fn):
-    """A PyTorch call as a launch for tune/timing.py (eager: the work happens in the call)."""
-    done = mx.array(0)
-
-    def launch():
-        fn()
-        return done
-    return launch
-
-
 def check(ours, theirs, dtype):
     got = np.array(ours.astype(mx.float32), dtype=np.float64)
     ref = theirs.float().numpy().astype(np.float64)
@@ -129,7 +120,7 @@ def prefill(cases, limits, reps):
                                                   enable_gqa=True)
         error = check(ours(), theirs(), dtype)
         background = wait_for_quiet()
-        paired = time_paired(ours, torch_launch(theirs), reps=reps)
+        paired = time_paired(ours, eager(theirs), reps=reps)
         flops = 4.0 * H * visible_pairs(L, causal) * D
         peak = limits["f32_fma_gflops"] if dtype == "f32" else limits["amx_bf16_gflops"]
         row = {"dtype": dtype, "heads": f"{H}/{Hkv}", "D": D, "L": L, "causal": causal,
@@ -142,8 +133,8 @@ def prefill(cases, limits, reps):
                "peak_gflops": peak, "error_vs_torch": error, "mx_ms": None,
                "background": background}
         if flops <= 6e9:  # MLX's unfused CPU SDPA: only where it takes seconds, not minutes
-            mlx = time_one(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale,
-                                                                         mask=mask), reps=3)
+            mlx = time_one(chained(q, lambda first: mx.fast.scaled_dot_product_attention(
+                first, k, v, scale=scale, mask=mask)), reps=3)
             row["mx_ms"] = mlx.median_s * 1e3
         rows.append(row)
         print(_prefill_line(row), flush=True)
@@ -198,24 +189,26 @@ def decode(cases, limits, reps):
                      for i in range(copies)]
         turn = {"ke": 0, "torch": 0, "mx": 0}
 
-        def ours():
+        # Each launch reads the previous output as its query (the same shape): a chain.
+        def ours(after=None):
             turn["ke"] = (turn["ke"] + 1) % copies
-            return launchers[turn["ke"]]()
+            return launchers[turn["ke"]](q if after is None else after)
 
         def theirs():
             turn["torch"] = (turn["torch"] + 1) % copies
             i = turn["torch"]
             return F.scaled_dot_product_attention(tq, tks[i], tvs[i], scale=scale, enable_gqa=True)
 
-        def mlx():
+        def mlx(after=None):
             turn["mx"] = (turn["mx"] + 1) % copies
             i = turn["mx"]
-            return mx.fast.scaled_dot_product_attention(q, ks[i], vs[i], scale=scale)
+            return mx.fast.scaled_dot_product_attention(q if after is None else after, ks[i], vs[i],
+                                                        scale=scale)
 
         error = check(launchers[0](), F.scaled_dot_product_attention(
             tq, tks[0], tvs[0], scale=scale, enable_gqa=True), dtype)
         background = wait_for_quiet()
-        paired = time_paired(ours, torch_launch(theirs), reps=reps)
+        paired = time_paired(ours, eager(theirs), reps=reps)
         mlx_t = time_one(mlx, reps=max(3, reps // 2))
         row = {"dtype": dtype, "heads": f"{H}/{Hkv}", "D": D, "kv": kv, "config": str(config),
                "copies": copies, "ke_ms": paired.candidate.median_s * 1e3,

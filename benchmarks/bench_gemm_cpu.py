@@ -50,7 +50,8 @@ import machine_limits  # noqa: E402
 import kernelevo as ke  # noqa: E402
 from kernelevo import chips  # noqa: E402
 from kernelevo.ops.matmul_op import call_features, epilogue_kind, select_matmul  # noqa: E402
-from kernelevo.tune.timing import time_paired  # noqa: E402
+from kernelevo.tune.adapters import chained  # noqa: E402
+from kernelevo.tune.timing import eager, time_paired  # noqa: E402
 
 RESULTS = HERE / "RESULTS.md"
 SECTION = "GEMM on the CPU (bench_gemm_cpu.py)"
@@ -123,13 +124,26 @@ def rotating(make, case: Case):
 
 
 def cycler(items, fn):
+    """An eager baseline over rotating weights: fn(next item) per call."""
     state = {"i": 0}
 
-    def launch():
+    def call():
         item = items[state["i"] % len(items)]
         state["i"] += 1
         return fn(item)
-    return launch
+    return eager(call)
+
+
+def ke_cycler(x, ws, fn):
+    """kernelevo's launch over rotating weights, each call chained on the one before (its
+    x made to depend on the previous output), as the tuner times it."""
+    state = {"i": 0}
+
+    def call(xx):
+        w = ws[state["i"] % len(ws)]
+        state["i"] += 1
+        return fn(xx, w)
+    return chained(x, call)
 
 
 def launches(case: Case, torch):
@@ -145,7 +159,7 @@ def launches(case: Case, torch):
     bias = mx.array(bias32).astype(dt)
     mx.eval(x, *ws, bias)
     kwargs = {"bias": bias, "activation": "silu"} if case.fused else {}
-    ke_launch = cycler(ws, lambda w: ke.matmul(x, w, transpose_b=case.transpose_b, **kwargs))
+    ke_launch = ke_cycler(x, ws, lambda xx, w: ke.matmul(xx, w, transpose_b=case.transpose_b, **kwargs))
     features = call_features(x, ws[0], False, case.transpose_b, epilogue=epilogue_kind(**kwargs))
     config = select_matmul(features).config.to_dsl()
 

@@ -310,3 +310,19 @@ def test_batches_reuse_nothing_from_the_previous_entry(rng, config):
     b = operand(rng, (3, 70, 53), dtype)
     out = ke.matmul(a, b, config=config)
     assert relative_error(out, f64(a) @ f64(b)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_weight_rows_read_ahead_in_memory_order(rng, dtype):
+    """x @ W.T asks for the rows of W ahead of its tile (16 KB and more ahead): weights whose
+    rows are further apart than their length (a slice of a wider weight), rows a multiple of
+    4 KB long (A's rows padded against L1 aliasing), fewer rows than the distance ahead, and
+    a last tile of fewer than 4 rows."""
+    for M, N, K, wide in [(1, 301, 1024, 1024), (4, 257, 1024, 1040), (3, 6, 2048, 2048),
+                          (2, 90, 333, 400)]:
+        a = operand(rng, (M, K), dtype)
+        w = operand(rng, (N, wide), dtype)[:, :K]
+        out = ke.matmul(a, w, transpose_b=True,
+                        config=f"gemv nb=64 kb=256 threads={CHIP.cores} epilogue=fused")
+        ref = f64(a) @ f64(w).T
+        assert relative_error(out, ref) < TOL[dtype], (M, N, K, wide)

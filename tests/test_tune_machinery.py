@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 from kernelevo import chips
@@ -264,3 +265,21 @@ def test_report_prints_tables_and_writes_a_plot(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "matmul, train shapes, on" in result.stdout and "geometric-mean speedup" in result.stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_eager_baseline_is_timed_around_its_calls():
+    """numpy and PyTorch baselines compute in the call: a sample must time the calls
+    themselves, not an evaluation of a graph built before the clock starts."""
+    import time as _time
+
+    from kernelevo.tune import timing
+    from kernelevo.tune.adapters import chained
+
+    calls = []
+    baseline = timing.eager(lambda: (calls.append(1), _time.sleep(0.002)))
+    x = mx.ones((8, 8))
+    candidate = chained(x, lambda first: first * 2)
+    paired = timing.time_paired(candidate, baseline, reps=3, warmup=1, patience_s=0.0)
+    assert paired.baseline.median_s >= 0.002
+    assert paired.candidate.median_s < paired.baseline.median_s
+    assert len(calls) >= 3 * paired.baseline.launches_per_sample

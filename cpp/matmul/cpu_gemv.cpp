@@ -22,27 +22,44 @@ constexpr int kRowGroup = 4;  // rows of A per register tile
 constexpr int kWRows = 4;     // rows of W per register tile (x @ W.T)
 constexpr int kMaxParts = 64; // depth parts of x @ W (each keeps M x N partial sums)
 
-// How far ahead in each row of W the kernel asks for lines (into L2). Chosen with
-// benchmarks/probe_decode_linears.py qwen3-0.6b on the 2-core Xeon (30 GB/s read), on a
-// trial build that took the distance from the environment: a decode token's linears at
-// 15-16 GB/s with the hardware prefetchers alone, 17-18 GB/s at 1 KB ahead of each of the
-// 4 streams; 512 B and 2 KB about the same.
-constexpr int kPrefetchBytes = 1024;
+// x @ W.T reads a tile of 4 rows of W side by side: 4 streams 2-8 KB apart, which the
+// hardware prefetchers follow poorly (on the 2-core AMD EPYC a 4-row tile read 9-11 GB/s
+// where one sequential stream reads 23-25; benchmarks/probe_decode_linears.py). So the
+// kernel asks for the rows ahead of the tile itself, one after another in memory order, as
+// fast as the tile consumes its own: to the memory the task is then one sequential stream.
+// The distance ahead is at least this many bytes of whole tiles.
+constexpr int64_t kPrefetchAheadBytes = 16384;
+
+// Walks rows of W line by line, in memory order, asking for each line into L2.
+struct RowPrefetcher {
+  const char* row = nullptr;  // the row being asked for
+  int64_t stride = 0, row_bytes = 0, offset = 0, rows_left = 0;
+  void advance(int64_t bytes) {
+    for (int64_t q = 0; q < bytes && rows_left > 0; q += 64) {
+      __builtin_prefetch(row + offset, 0, 2);
+      offset += 64;
+      if (offset >= row_bytes) {
+        offset = 0;
+        row += stride;
+        --rows_left;
+      }
+    }
+  }
+};
 
 // part[i][jr] (vectors of partial sums, kWRows per row of A) += A[i, k0:k1] . W[jr, k0:k1], for MR rows of A and
-// JR rows of W (W row jr at w + jr * ldw; depth k at w[k]).
+// JR rows of W (W row jr at w + jr * ldw; depth k at w[k]). `ahead` (or null) is asked for
+// as many bytes as each step reads.
 template <typename E, int MR, int JR>
 void cols_tile(const float* a, int64_t lda, const typename E::raw* w, int64_t ldw, int64_t k0,
-               int64_t k1, float* part) {
+               int64_t k1, float* part, RowPrefetcher* ahead) {
+  constexpr int64_t step_bytes = JR * kLanes * sizeof(typename E::raw);
   vfloat acc[MR][JR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < JR; ++j) acc[i][j] = vload(part + (i * kWRows + j) * kLanes);
   for (int64_t k = k0; k < k1; k += kLanes) {
+    if (ahead) ahead->advance(step_bytes);
     vfloat wv[JR];
-    if ((k * static_cast<int64_t>(sizeof(typename E::raw))) % 64 == 0) {  // once per line
-      for (int j = 0; j < JR; ++j)
-        __builtin_prefetch(reinterpret_cast<const char*>(w + j * ldw + k) + kPrefetchBytes, 0, 2);
-    }
     for (int j = 0; j < JR; ++j) wv[j] = load16<E>(w + j * ldw + k);
     for (int i = 0; i < MR; ++i) {
       const vfloat av = vload(a + i * lda + k);
@@ -55,12 +72,12 @@ void cols_tile(const float* a, int64_t lda, const typename E::raw* w, int64_t ld
 
 template <typename E, int JR>
 void cols_tile_any(const float* a, int64_t lda, const typename E::raw* w, int64_t ldw,
-                   int64_t k0, int64_t k1, float* part, int mr) {
+                   int64_t k0, int64_t k1, float* part, int mr, RowPrefetcher* ahead) {
   switch (mr) {
-    case 1: return cols_tile<E, 1, JR>(a, lda, w, ldw, k0, k1, part);
-    case 2: return cols_tile<E, 2, JR>(a, lda, w, ldw, k0, k1, part);
-    case 3: return cols_tile<E, 3, JR>(a, lda, w, ldw, k0, k1, part);
-    default: return cols_tile<E, 4, JR>(a, lda, w, ldw, k0, k1, part);
+    case 1: return cols_tile<E, 1, JR>(a, lda, w, ldw, k0, k1, part, ahead);
+    case 2: return cols_tile<E, 2, JR>(a, lda, w, ldw, k0, k1, part, ahead);
+    case 3: return cols_tile<E, 3, JR>(a, lda, w, ldw, k0, k1, part, ahead);
+    default: return cols_tile<E, 4, JR>(a, lda, w, ldw, k0, k1, part, ahead);
   }
 }
 
@@ -117,15 +134,21 @@ void rows_block(const float* a, int64_t lda, const typename E::raw* b, int64_t b
                            static_cast<int>(std::min<int64_t>(kRowGroup, M - i0)));
 }
 
-// Columns [j0, j1) of B with contiguous columns (rows of W); out is M x (j1 - j0). Groups
-// of 4 rows of W are read once each, front to back (4 streams the prefetchers follow);
-// within a depth chunk of kb, every group of rows of A uses the chunk from L1.
+// Columns [j0, j1) of B with contiguous columns (rows of W, N of them); out is M x
+// (j1 - j0). Groups of 4 rows of W are read once each, front to back, while the rows
+// ahead are asked for in memory order (RowPrefetcher); within a depth chunk of kb, every
+// group of rows of A uses the chunk from L1.
 template <typename E>
 void cols_block(const float* a, int64_t lda, const typename E::raw* w, int64_t ldw, int64_t M,
-                int64_t K, int64_t j0, int64_t j1, int kb, float* out, float* part) {
+                int64_t N, int64_t K, int64_t j0, int64_t j1, int kb, float* out, float* part) {
   constexpr int JR = kWRows;
   const int64_t width = j1 - j0, k_vec = K / kLanes * kLanes;
   const int chunk = std::max(kLanes, kb / kLanes * kLanes);
+  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(typename E::raw));
+  const int64_t lead = JR * ((kPrefetchAheadBytes + JR * row_bytes - 1) / (JR * row_bytes));
+  RowPrefetcher ahead{reinterpret_cast<const char*>(w + (j0 + lead) * ldw),
+                      ldw * static_cast<int64_t>(sizeof(typename E::raw)), row_bytes, 0,
+                      std::max<int64_t>(0, N - j0 - lead)};
   for (int64_t jr = 0; jr < width; jr += JR) {
     const int cols = static_cast<int>(std::min<int64_t>(JR, width - jr));
     const typename E::raw* wj = w + (j0 + jr) * ldw;
@@ -135,11 +158,12 @@ void cols_block(const float* a, int64_t lda, const typename E::raw* w, int64_t l
       for (int64_t i0 = 0; i0 < M; i0 += kRowGroup) {
         const int mr = static_cast<int>(std::min<int64_t>(kRowGroup, M - i0));
         float* pi = part + i0 * JR * kLanes;
+        RowPrefetcher* pf = i0 == 0 ? &ahead : nullptr;  // once per depth step
         switch (cols) {
-          case 1: cols_tile_any<E, 1>(a + i0 * lda, lda, wj, ldw, k0, k1, pi, mr); break;
-          case 2: cols_tile_any<E, 2>(a + i0 * lda, lda, wj, ldw, k0, k1, pi, mr); break;
-          case 3: cols_tile_any<E, 3>(a + i0 * lda, lda, wj, ldw, k0, k1, pi, mr); break;
-          default: cols_tile_any<E, 4>(a + i0 * lda, lda, wj, ldw, k0, k1, pi, mr); break;
+          case 1: cols_tile_any<E, 1>(a + i0 * lda, lda, wj, ldw, k0, k1, pi, mr, pf); break;
+          case 2: cols_tile_any<E, 2>(a + i0 * lda, lda, wj, ldw, k0, k1, pi, mr, pf); break;
+          case 3: cols_tile_any<E, 3>(a + i0 * lda, lda, wj, ldw, k0, k1, pi, mr, pf); break;
+          default: cols_tile_any<E, 4>(a + i0 * lda, lda, wj, ldw, k0, k1, pi, mr, pf); break;
         }
       }
     }
@@ -157,7 +181,10 @@ void gemv_typed(const GemmProblem& p, const GemvTiling& t) {
   using T = typename E::raw;
   const int64_t M = p.M, N = p.N, K = p.K;
   const int threads = std::max(1, std::min(t.threads, available_cores()));
-  const int64_t lda = (K + kLanes - 1) / kLanes * kLanes;
+  // Rows of A a multiple of 4 KB apart alias in L1 (4 rows of 1024 floats read at 40% of
+  // the speed of the same rows 64 bytes further apart): pad such a stride by a vector.
+  int64_t lda = (K + kLanes - 1) / kLanes * kLanes;
+  if (M > 1 && (lda * static_cast<int64_t>(sizeof(float))) % 4096 == 0) lda += kLanes;
   const int64_t col_tasks = (N + t.nb - 1) / t.nb;
   const bool rows_layout = p.b.col_stride == 1;
   // B stored [K, N]: tasks also split the depth, in parts of kb (at most kMaxParts parts),
@@ -191,7 +218,7 @@ void gemv_typed(const GemmProblem& p, const GemvTiling& t) {
         rows_block<E>(apanel, lda, b, brs, M, kbeg, kend, j0, j1, out);
       } else if (brs == 1) {
         float* partial = part_scratch.get_as<float>(M * kWRows * kLanes);
-        cols_block<E>(apanel, lda, b, bcs, M, K, j0, j1, t.kb, out, partial);
+        cols_block<E>(apanel, lda, b, bcs, M, N, K, j0, j1, t.kb, out, partial);
       } else {
         for (int64_t i = 0; i < M; ++i)
           for (int64_t j = j0; j < j1; ++j) {

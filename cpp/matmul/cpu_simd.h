@@ -146,9 +146,15 @@ inline vfloat load16(const typename E::raw* p) {
   if constexpr (E::dtype == Dtype::f32) {
     return vload(p);
   } else if constexpr (E::dtype == Dtype::bf16) {
+#if defined(__AVX512F__)
+    // One widening load (GCC splits __builtin_convertvector into four instructions here).
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+    return bit_cast_vec<vfloat>(_mm512_slli_epi32(wide, 16));
+#else
     vhalf_bits h;
     std::memcpy(&h, p, sizeof(h));
     return bit_cast_vec<vfloat>(__builtin_convertvector(h, vuint) << 16);
+#endif
   } else {
 #if defined(__AVX512F__)
     return bit_cast_vec<vfloat>(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)));

@@ -164,6 +164,26 @@ def is_bimodal(samples: Sequence[float]) -> bool:
                for i in range(least, n - least + 1))
 
 
+class _Eager:
+    """A launch whose work happens in the call (numpy, PyTorch): see `eager`."""
+
+    _done = mx.array(0)
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self.fn = fn
+
+    def __call__(self, after: mx.array | None = None) -> mx.array:
+        self.fn()
+        return self._done
+
+
+def eager(fn: Callable[[], object]) -> Launch:
+    """A baseline computed eagerly (numpy, PyTorch) as a launch: its samples time n calls in
+    a row around the calls themselves (no graph to build before the clock starts), so it
+    can be paired with kernelevo's chained launches."""
+    return _Eager(fn)
+
+
 def _chain(launch: Launch, n: int) -> mx.array:
     out = None
     for _ in range(n):
@@ -176,6 +196,11 @@ def _sample(launch: Launch, n: int) -> float:
     before the clock starts: what is timed is the kernels (and the back-end's dispatch of
     them), not the Python that describes them — which a model hides behind the GPU's work
     (MLX's asynchronous evaluation) or removes (mx.compile)."""
+    if isinstance(launch, _Eager):
+        start = time.perf_counter()
+        for _ in range(n):
+            launch.fn()
+        return (time.perf_counter() - start) / n
     out = _chain(launch, n)
     mx.synchronize()
     start = time.perf_counter()
