@@ -150,7 +150,8 @@ def run_matmul_case(case: MatmulCase, rng, stream=None):
     out_batch = tuple(np.broadcast_shapes(case.a_batch, case.b_batch))
     residual = _operand(rng, out_batch + (case.M, case.N), case.dtype) if ep.residual else None
     out = gpu.matmul(a, b, transpose_a=case.ta, transpose_b=case.tb, config=case.config,
-                     epilogue=ep, bias=bias, residual=residual, stream=stream)
+                     bias=bias, activation=ep.activation, residual=residual, scale=ep.alpha,
+                     stream=stream)
     a64, b64 = to_f64(a), to_f64(b)
     ref = (np.swapaxes(a64, -1, -2) if case.ta else a64) @ (np.swapaxes(b64, -1, -2) if case.tb else b64)
     return out, epilogue_reference(ref, ep, bias, residual)
@@ -252,7 +253,7 @@ def run_matmul_grad_case(case: MatmulCase, rng, stream=None):
     def loss(*xs):
         it = iter(xs[2:])
         y = gpu.matmul(xs[0], xs[1], transpose_a=case.ta, transpose_b=case.tb, config=case.config,
-                       epilogue=ep, bias=next(it) if ep.bias else None,
+                       activation=ep.activation, scale=ep.alpha, bias=next(it) if ep.bias else None,
                        residual=next(it) if ep.residual else None, stream=stream)
         return (y.astype(mx.float32) * g.astype(mx.float32)).sum()
 

@@ -8,6 +8,8 @@
 //     whose 4 x 4 coefficients stay in registers, into the task's f32 block.
 //   B columns contiguous (x @ W.T, W stored [N, K]): tiles of up to 4 rows of A x 4 rows of
 //     W, dot products along the depth in vector lanes, reduced once at the end.
+// Either way the kernel reads 4 rows of B side by side and asks for the rows ahead of them
+// in memory order (RowPrefetcher), so that the memory sees one stream per task.
 #include <algorithm>
 #include <vector>
 
@@ -83,15 +85,18 @@ void cols_tile_any(const float* a, int64_t lda, const typename E::raw* w, int64_
 
 // out[i][0:width] += sum over k in [k0, k0 + KR) of A[i, k] * B[k, j0:j0 + width] for the
 // rows i in [i0, i0 + MR): the MR x KR values of A stay in registers while the KR rows of B
-// stream past once, front to back.
+// stream past once, front to back. `ahead` (or null) is asked for as many bytes as each
+// step reads.
 template <typename E, int MR, int KR>
 void rows_sweep(const float* a, int64_t lda, const typename E::raw* b, int64_t brs, int64_t k0,
-                int64_t width, float* out) {
+                int64_t width, float* out, RowPrefetcher* ahead) {
+  constexpr int64_t step_bytes = KR * kLanes * sizeof(typename E::raw);
   vfloat coef[MR][KR];
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < KR; ++r) coef[i][r] = splat(a[i * lda + k0 + r]);
   const int64_t vec_end = width / kLanes * kLanes;
   for (int64_t j = 0; j < vec_end; j += kLanes) {
+    if (ahead) ahead->advance(step_bytes);
     vfloat bv[KR];
     for (int r = 0; r < KR; ++r) bv[r] = load16<E>(b + (k0 + r) * brs + j);
     for (int i = 0; i < MR; ++i) {
@@ -107,31 +112,47 @@ void rows_sweep(const float* a, int64_t lda, const typename E::raw* b, int64_t b
 
 template <typename E, int KR>
 void rows_sweep_any(const float* a, int64_t lda, const typename E::raw* b, int64_t brs,
-                    int64_t k0, int64_t width, float* out, int mr) {
+                    int64_t k0, int64_t width, float* out, int mr, RowPrefetcher* ahead) {
   switch (mr) {
-    case 1: return rows_sweep<E, 1, KR>(a, lda, b, brs, k0, width, out);
-    case 2: return rows_sweep<E, 2, KR>(a, lda, b, brs, k0, width, out);
-    case 3: return rows_sweep<E, 3, KR>(a, lda, b, brs, k0, width, out);
-    default: return rows_sweep<E, 4, KR>(a, lda, b, brs, k0, width, out);
+    case 1: return rows_sweep<E, 1, KR>(a, lda, b, brs, k0, width, out, ahead);
+    case 2: return rows_sweep<E, 2, KR>(a, lda, b, brs, k0, width, out, ahead);
+    case 3: return rows_sweep<E, 3, KR>(a, lda, b, brs, k0, width, out, ahead);
+    default: return rows_sweep<E, 4, KR>(a, lda, b, brs, k0, width, out, ahead);
   }
 }
 
+// The rows [first, end) of a matrix whose row r is `width` elements at base + r * stride,
+// asked for from `lead` rows ahead of `first`, where lead keeps whole groups of `group`
+// rows and at least kPrefetchAheadBytes between the rows read and the rows asked for.
+template <typename T>
+RowPrefetcher rows_ahead(const T* base, int64_t stride, int64_t width, int64_t first,
+                         int64_t end, int64_t group) {
+  const int64_t row_bytes = width * static_cast<int64_t>(sizeof(T));
+  const int64_t lead = group * ((kPrefetchAheadBytes + group * row_bytes - 1) / (group * row_bytes));
+  return RowPrefetcher{reinterpret_cast<const char*>(base + (first + lead) * stride),
+                       stride * static_cast<int64_t>(sizeof(T)), row_bytes, 0,
+                       std::max<int64_t>(0, end - first - lead)};
+}
+
 // Depth [kbeg, kend) and columns [j0, j1) of B with contiguous rows (x @ W); out is
-// M x (j1 - j0), zeroed. Four rows of B at a time stream past every group of rows of A.
+// M x (j1 - j0), zeroed. Four rows of B at a time stream past every group of rows of A,
+// while the rows' pieces ahead are asked for in memory order (RowPrefetcher).
 template <typename E>
 void rows_block(const float* a, int64_t lda, const typename E::raw* b, int64_t brs,
                 int64_t M, int64_t kbeg, int64_t kend, int64_t j0, int64_t j1, float* out) {
   const int64_t width = j1 - j0;
   const typename E::raw* bj = b + j0;
+  RowPrefetcher ahead = rows_ahead(bj, brs, width, kbeg, kend, 4);
   int64_t k = kbeg;
   for (; k + 4 <= kend; k += 4)
     for (int64_t i0 = 0; i0 < M; i0 += kRowGroup)
       rows_sweep_any<E, 4>(a + i0 * lda, lda, bj, brs, k, width, out + i0 * width,
-                           static_cast<int>(std::min<int64_t>(kRowGroup, M - i0)));
+                           static_cast<int>(std::min<int64_t>(kRowGroup, M - i0)),
+                           i0 == 0 ? &ahead : nullptr);
   for (; k < kend; ++k)
     for (int64_t i0 = 0; i0 < M; i0 += kRowGroup)
       rows_sweep_any<E, 1>(a + i0 * lda, lda, bj, brs, k, width, out + i0 * width,
-                           static_cast<int>(std::min<int64_t>(kRowGroup, M - i0)));
+                           static_cast<int>(std::min<int64_t>(kRowGroup, M - i0)), nullptr);
 }
 
 // Columns [j0, j1) of B with contiguous columns (rows of W, N of them); out is M x
@@ -144,11 +165,7 @@ void cols_block(const float* a, int64_t lda, const typename E::raw* w, int64_t l
   constexpr int JR = kWRows;
   const int64_t width = j1 - j0, k_vec = K / kLanes * kLanes;
   const int chunk = std::max(kLanes, kb / kLanes * kLanes);
-  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(typename E::raw));
-  const int64_t lead = JR * ((kPrefetchAheadBytes + JR * row_bytes - 1) / (JR * row_bytes));
-  RowPrefetcher ahead{reinterpret_cast<const char*>(w + (j0 + lead) * ldw),
-                      ldw * static_cast<int64_t>(sizeof(typename E::raw)), row_bytes, 0,
-                      std::max<int64_t>(0, N - j0 - lead)};
+  RowPrefetcher ahead = rows_ahead(w, ldw, K, j0, N, JR);
   for (int64_t jr = 0; jr < width; jr += JR) {
     const int cols = static_cast<int>(std::min<int64_t>(JR, width - jr));
     const typename E::raw* wj = w + (j0 + jr) * ldw;

@@ -381,8 +381,8 @@ def gpu_backend() -> str:
 
 
 def default_backend() -> str:
-    """The backend of MLX's default device."""
+    """The backend of MLX's default device (asked on every op call: kept cheap)."""
     import mlx.core as mx
 
-    return "cpu" if mx.default_device() == mx.cpu else gpu_backend()
+    return "cpu" if mx.default_device().type == mx.DeviceType.cpu else gpu_backend()
 

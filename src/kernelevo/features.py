@@ -6,8 +6,9 @@ tables; nothing else lists them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 FeatureType = Literal["int", "bool", "symbol", "number"]
@@ -111,18 +112,17 @@ class Epilogue:
     activation: str = "none"
     residual: bool = False
     alpha: float | None = None
+    #: the matmul feature `epilogue`: none, one kind, or mixed (computed once: a GPU call
+    #: reads it on every launch)
+    kind: str = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; expected one of "
                              f"{', '.join(ACTIVATIONS)}")
-
-    @property
-    def kind(self) -> str:
-        """The matmul feature `epilogue`: none, one kind, or mixed."""
         parts = [name for name, on in (("bias", self.bias), ("activation", self.activation != "none"),
                                        ("residual", self.residual), ("scale", self.alpha is not None)) if on]
-        return parts[0] if len(parts) == 1 else ("mixed" if parts else "none")
+        object.__setattr__(self, "kind", parts[0] if len(parts) == 1 else ("mixed" if parts else "none"))
 
     @property
     def empty(self) -> bool:
@@ -141,6 +141,20 @@ class Epilogue:
     def pointers(self) -> str:
         null = "static_cast<const T*>(nullptr)"
         return f"{'bias' if self.bias else null}, {'residual' if self.residual else null}"
+
+
+def epilogue_of(bias, activation: str | None, residual, scale: float | None) -> Epilogue:
+    """The epilogue of a matmul call's arguments (bias and residual arrays or None, an
+    activation name or None, a scale or None; a scale of 1 is none)."""
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a number, not {type(scale).__name__}")
+    return _epilogue(bias is not None, activation or "none", residual is not None,
+                     None if scale is None or float(scale) == 1.0 else float(scale))
+
+
+@functools.lru_cache(maxsize=1024)
+def _epilogue(bias: bool, activation: str, residual: bool, alpha: float | None) -> Epilogue:
+    return Epilogue(bias=bias, activation=activation, residual=residual, alpha=alpha)
 
 
 def is_causal(call: Mapping) -> bool:

@@ -7,14 +7,12 @@ builds without a configuration — including those inside gradients.
 
 from __future__ import annotations
 
-import functools
-
 import mlx.core as mx
 
 from .. import chips
 from ..config import KernelConfig
 from ..dsl.select import Selection
-from ..features import Epilogue, matmul_features
+from ..features import epilogue_of, matmul_features
 from . import gpu
 from ._runtime import as_config, backend_of_device, explain, ext, select, selection_cache, stream_backend
 
@@ -68,8 +66,8 @@ def matmul(a: mx.array, b: mx.array, *, transpose_a: bool = False, transpose_b: 
     """
     if stream_backend(stream) in gpu.GPU_BACKENDS:
         return gpu.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b, config=config,
-                          epilogue=_gpu_epilogue(bias, activation, residual, scale), bias=bias,
-                          residual=residual, stream=stream)
+                          bias=bias, activation=activation, residual=residual, scale=scale,
+                          stream=stream)
     epilogue = _epilogue_args(bias, activation, residual, scale)
     if config is None:
         return ext.matmul(a, b, None, {}, transpose_a, transpose_b, stream=stream, **epilogue)
@@ -79,26 +77,14 @@ def matmul(a: mx.array, b: mx.array, *, transpose_a: bool = False, transpose_b: 
 
 def _epilogue_args(bias, activation, residual, scale) -> dict:
     """The extension's epilogue arguments (the CPU kernels read them as given)."""
-    _gpu_epilogue(bias, activation, residual, scale)  # validates the activation and scale
+    epilogue_of(bias, activation, residual, scale)  # validates the activation and scale
     return {"bias": bias, "activation": "none" if activation is None else activation,
             "residual": residual, "scale": 1.0 if scale is None else float(scale)}
 
 
-def _gpu_epilogue(bias, activation, residual, scale) -> Epilogue:
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a number, not {type(scale).__name__}")
-    return _epilogue(bias is not None, activation or "none", residual is not None,
-                     None if scale is None or float(scale) == 1.0 else float(scale))
-
-
-@functools.lru_cache(maxsize=1024)
-def _epilogue(bias: bool, activation: str, residual: bool, alpha: float | None) -> Epilogue:
-    return Epilogue(bias=bias, activation=activation, residual=residual, alpha=alpha)
-
-
 def epilogue_kind(bias=None, activation=None, residual=None, scale=None) -> str:
     """The call feature `epilogue` for these arguments (as the extension computes it)."""
-    return _gpu_epilogue(bias, activation, residual, scale).kind
+    return epilogue_of(bias, activation, residual, scale).kind
 
 
 def matmul_launcher(a: mx.array, b: mx.array, config: KernelConfig | str, *,
@@ -113,8 +99,7 @@ def matmul_launcher(a: mx.array, b: mx.array, config: KernelConfig | str, *,
     if backend in gpu.GPU_BACKENDS:
         cfg = as_config(config, "matmul", gpu.require_gpu("matmul"))
         kwargs = dict(transpose_a=transpose_a, transpose_b=transpose_b, config=cfg, bias=bias,
-                      residual=residual, stream=stream,
-                      epilogue=_gpu_epilogue(bias, activation, residual, scale))
+                      activation=activation, residual=residual, scale=scale, stream=stream)
         gpu.matmul(a, b, **kwargs)  # validates once
         return lambda first=a: gpu.matmul(first, b, **kwargs)
     cfg = as_config(config, "matmul", backend)

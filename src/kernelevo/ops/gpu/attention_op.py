@@ -104,6 +104,9 @@ def prepare(q, k, v, *, scale, mask, softcap, window, config,
     else:
         cfg = as_config(config, "attention", backend)
         cfg.check(chips.detect(backend), features)
+    if cfg.family == MLX_BUILTIN and not softcap and not window:  # MLX's fused op, called directly
+        return lambda q, k, v, mask: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask,
+                                                                          stream=stream)
     if cfg.family == MLX_BUILTIN:
         return lambda q, k, v, mask: mlx_attention(q, k, v, scale=scale, mask=mask, softcap=softcap,
                                                    window=window, stream=stream)

@@ -18,7 +18,7 @@ import mlx.core as mx
 from ... import chips
 from ...config import KernelConfig
 from ...families import MLX_BUILTIN
-from ...features import DTYPE_SYMBOL, Epilogue, matmul_features
+from ...features import DTYPE_SYMBOL, epilogue_of, matmul_features
 from ...lowering import cuda as cuda_lowering
 from ...lowering import metal as metal_lowering
 from .._runtime import as_config, ext, selection_cache
@@ -96,15 +96,18 @@ def select_matmul_config(features: dict) -> KernelConfig:
 
 
 def matmul(a: mx.array, b: mx.array, *, transpose_a: bool = False, transpose_b: bool = False,
-           config: KernelConfig | str | None = None, epilogue: Epilogue = Epilogue(),
-           bias: mx.array | None = None, residual: mx.array | None = None, stream=None) -> mx.array:
-    """op(a) @ op(b), then the epilogue, on the GPU (see kernelevo.matmul)."""
-    key = (a.shape, a.dtype, b.shape, b.dtype, transpose_a, transpose_b, config, epilogue,
+           config: KernelConfig | str | None = None, bias: mx.array | None = None,
+           activation: str | None = None, residual: mx.array | None = None,
+           scale: float | None = None, stream=None) -> mx.array:
+    """activation(scale * op(a) @ op(b) + bias) + residual on the GPU (see kernelevo.matmul).
+    A signature seen before costs a dictionary lookup on the raw arguments and the launches."""
+    key = (a.shape, a.dtype, b.shape, b.dtype, transpose_a, transpose_b, config, activation, scale,
            None if bias is None else (bias.shape, bias.dtype),
            None if residual is None else (residual.shape, residual.dtype), stream)
     build = launch.prepared(_prepared, key, lambda: prepare(
-        a, b, transpose_a=transpose_a, transpose_b=transpose_b, config=config, epilogue=epilogue,
-        bias=bias, residual=residual, stream=stream))
+        a, b, transpose_a=transpose_a, transpose_b=transpose_b, config=config,
+        epilogue=epilogue_of(bias, activation, residual, scale), bias=bias, residual=residual,
+        stream=stream))
     return build(a, b, bias, residual)
 
 
@@ -129,11 +132,14 @@ def prepare(a, b, *, transpose_a, transpose_b, config, epilogue, bias, residual,
                 None if residual is None else mx.broadcast_to(residual.astype(dtype), call.out_shape))
 
     if cfg.family == MLX_BUILTIN:
-        def build_mlx(a, b, bias, residual):
-            y = mx.matmul(mx.swapaxes(a, -1, -2) if transpose_a else a,
-                          mx.swapaxes(b, -1, -2) if transpose_b else b, stream=stream)
-            return y if epilogue.empty else apply_epilogue(y, epilogue, *fit(bias, residual), stream)
-        return build_mlx
+        def product_mlx(a, b):
+            return mx.matmul(mx.swapaxes(a, -1, -2) if transpose_a else a,
+                             mx.swapaxes(b, -1, -2) if transpose_b else b, stream=stream)
+
+        if epilogue.empty:  # what the call costs is MLX's op and the lookup
+            return lambda a, b, bias, residual: product_mlx(a, b)
+        return lambda a, b, bias, residual: apply_epilogue(product_mlx(a, b), epilogue,
+                                                           *fit(bias, residual), stream)
 
     plan = launch.PreparedPlan(LOWERING[backend].lower_matmul(
         cfg, features, epilogue=epilogue, a_batched=call.a_batched, b_batched=call.b_batched))
