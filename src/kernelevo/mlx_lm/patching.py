@@ -446,6 +446,12 @@ class Patch:
             lines.append(f"skipped {n} x {what}: {reason}")
         for (op, reason), n in self.fallbacks.items():
             lines.append(f"fell back to MLX in {n} {op} calls: {reason}")
+        backend = stream_backend(None)
+        if backend != "cpu":
+            lines.append(f"note: MLX's default device is a GPU ({backend}): a call the heuristics send to "
+                         f"MLX's own op gains nothing and adds kernelevo's Python (a few us a call), "
+                         f"which a host-bound decode pays in full; `kernelevo bench-model` shows which "
+                         f"kernels ran and what patching does to tokens/s")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
