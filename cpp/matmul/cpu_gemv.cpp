@@ -83,6 +83,54 @@ void cols_tile_any(const float* a, int64_t lda, const typename E::raw* w, int64_
   }
 }
 
+#if defined(__AVX512BF16__)
+// The bf16 x bf16 tile of x @ W.T on AVX512-BF16: A's rows kept as bf16 (what the call
+// gave), one dot product of 32 pairs of W and A per instruction into f32 lanes, where the
+// f32 path widens each half of W and multiplies it separately (on a 2-core AMD EPYC the
+// widening made rows 2-16 compute-bound at 35-45% of the read bandwidth). Products are
+// exact in f32; subnormal inputs count as zero (the instruction's rule, as in gemm's
+// bf16dot engine). part as in cols_tile.
+template <int MR, int JR>
+void cols_tile_dot(const uint16_t* a, int64_t lda, const uint16_t* w, int64_t ldw, int64_t k0,
+                   int64_t k1, float* part, RowPrefetcher* ahead) {
+  constexpr int64_t step_bytes = JR * 64;
+  __m512 acc[MR][JR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < JR; ++j) acc[i][j] = _mm512_loadu_ps(part + (i * kWRows + j) * kLanes);
+  for (int64_t k = k0; k < k1; k += 2 * kLanes) {
+    if (ahead) ahead->advance(step_bytes);
+    __m512bh wv[JR];
+    for (int j = 0; j < JR; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w + j * ldw + k);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh av = (__m512bh)_mm512_loadu_si512(a + i * lda + k);
+      for (int j = 0; j < JR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, wv[j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < JR; ++j) _mm512_storeu_ps(part + (i * kWRows + j) * kLanes, acc[i][j]);
+}
+
+template <int JR>
+void cols_tile_dot_any(const uint16_t* a, int64_t lda, const uint16_t* w, int64_t ldw,
+                       int64_t k0, int64_t k1, float* part, int mr, RowPrefetcher* ahead) {
+  switch (mr) {
+    case 1: return cols_tile_dot<1, JR>(a, lda, w, ldw, k0, k1, part, ahead);
+    case 2: return cols_tile_dot<2, JR>(a, lda, w, ldw, k0, k1, part, ahead);
+    case 3: return cols_tile_dot<3, JR>(a, lda, w, ldw, k0, k1, part, ahead);
+    default: return cols_tile_dot<4, JR>(a, lda, w, ldw, k0, k1, part, ahead);
+  }
+}
+constexpr bool kBf16Dot = true;
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
+// Whether x @ W.T of this element type runs cols_tile_dot (reading A's bf16 rows).
+template <typename E>
+constexpr bool uses_bf16_dot() {
+  return kBf16Dot && E::dtype == Dtype::bf16;
+}
+
 // out[i][0:width] += sum over k in [k0, k0 + KR) of A[i, k] * B[k, j0:j0 + width] for the
 // rows i in [i0, i0 + MR): the MR x KR values of A stay in registers while the KR rows of B
 // stream past once, front to back. `ahead` (or null) is asked for as many bytes as each
@@ -160,11 +208,13 @@ void rows_block(const float* a, int64_t lda, const typename E::raw* b, int64_t b
 // ahead are asked for in memory order (RowPrefetcher); within a depth chunk of kb, every
 // group of rows of A uses the chunk from L1.
 template <typename E>
-void cols_block(const float* a, int64_t lda, const typename E::raw* w, int64_t ldw, int64_t M,
-                int64_t N, int64_t K, int64_t j0, int64_t j1, int kb, float* out, float* part) {
+void cols_block(const float* a, const uint16_t* a16, int64_t lda, const typename E::raw* w,
+                int64_t ldw, int64_t M, int64_t N, int64_t K, int64_t j0, int64_t j1, int kb,
+                float* out, float* part) {
   constexpr int JR = kWRows;
-  const int64_t width = j1 - j0, k_vec = K / kLanes * kLanes;
-  const int chunk = std::max(kLanes, kb / kLanes * kLanes);
+  constexpr int step = uses_bf16_dot<E>() ? 2 * kLanes : kLanes;  // depth per instruction
+  const int64_t width = j1 - j0, k_vec = K / step * step;
+  const int chunk = std::max(step, kb / step * step);
   RowPrefetcher ahead = rows_ahead(w, ldw, K, j0, N, JR);
   for (int64_t jr = 0; jr < width; jr += JR) {
     const int cols = static_cast<int>(std::min<int64_t>(JR, width - jr));
@@ -176,6 +226,18 @@ void cols_block(const float* a, int64_t lda, const typename E::raw* w, int64_t l
         const int mr = static_cast<int>(std::min<int64_t>(kRowGroup, M - i0));
         float* pi = part + i0 * JR * kLanes;
         RowPrefetcher* pf = i0 == 0 ? &ahead : nullptr;  // once per depth step
+#if defined(__AVX512BF16__)
+        if constexpr (uses_bf16_dot<E>()) {
+          const uint16_t* ai = a16 + i0 * lda;
+          switch (cols) {
+            case 1: cols_tile_dot_any<1>(ai, lda, wj, ldw, k0, k1, pi, mr, pf); break;
+            case 2: cols_tile_dot_any<2>(ai, lda, wj, ldw, k0, k1, pi, mr, pf); break;
+            case 3: cols_tile_dot_any<3>(ai, lda, wj, ldw, k0, k1, pi, mr, pf); break;
+            default: cols_tile_dot_any<4>(ai, lda, wj, ldw, k0, k1, pi, mr, pf); break;
+          }
+          continue;
+        }
+#endif
         switch (cols) {
           case 1: cols_tile_any<E, 1>(a + i0 * lda, lda, wj, ldw, k0, k1, pi, mr, pf); break;
           case 2: cols_tile_any<E, 2>(a + i0 * lda, lda, wj, ldw, k0, k1, pi, mr, pf); break;
@@ -211,6 +273,8 @@ void gemv_typed(const GemmProblem& p, const GemvTiling& t) {
   const int64_t part_depth = (K + parts - 1) / parts;
   thread_local Scratch a_scratch, sums_scratch;
   float* apanel = a_scratch.get_as<float>(M * lda);
+  thread_local Scratch a16_scratch;  // A's rows as bf16, for cols_tile_dot
+  uint16_t* a16 = uses_bf16_dot<E>() ? a16_scratch.get_as<uint16_t>(M * lda) : nullptr;
   float* sums = parts > 1 ? sums_scratch.get_as<float>(parts * M * N) : nullptr;
 
   for (int64_t batch = 0; batch < p.batch; ++batch) {
@@ -219,6 +283,9 @@ void gemv_typed(const GemmProblem& p, const GemvTiling& t) {
     for (int64_t i = 0; i < M; ++i)
       for (int64_t k = 0; k < K; ++k)
         apanel[i * lda + k] = to_f32<E>(a[i * p.a.row_stride + k * p.a.col_stride]);
+    if constexpr (uses_bf16_dot<E>())
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t k = 0; k < K; ++k) a16[i * lda + k] = a[i * p.a.row_stride + k * p.a.col_stride];
     const T* b = static_cast<const T*>(p.b.data) + p.b.batch_offsets[batch];
     const int64_t brs = p.b.row_stride, bcs = p.b.col_stride;
 
@@ -235,7 +302,7 @@ void gemv_typed(const GemmProblem& p, const GemvTiling& t) {
         rows_block<E>(apanel, lda, b, brs, M, kbeg, kend, j0, j1, out);
       } else if (brs == 1) {
         float* partial = part_scratch.get_as<float>(M * kWRows * kLanes);
-        cols_block<E>(apanel, lda, b, bcs, M, N, K, j0, j1, t.kb, out, partial);
+        cols_block<E>(apanel, a16, lda, b, bcs, M, N, K, j0, j1, t.kb, out, partial);
       } else {
         for (int64_t i = 0; i < M; ++i)
           for (int64_t j = j0; j < j1; ++j) {
