@@ -25,8 +25,9 @@ constexpr int kWRows = 4;     // rows of W per register tile (x @ W.T)
 constexpr int kMaxParts = 64; // depth parts of x @ W (each keeps M x N partial sums)
 
 // x @ W.T reads a tile of 4 rows of W side by side: 4 streams 2-8 KB apart, which the
-// hardware prefetchers follow poorly (on the 2-core AMD EPYC a 4-row tile read 9-11 GB/s
-// where one sequential stream reads 23-25; benchmarks/probe_decode_linears.py). So the
+// hardware prefetchers follow poorly (on the 2-core AMD EPYC, one thread: a 4-row tile read
+// 10-12 GB/s, one row at a time 23-25, the tile reading ahead 22-24;
+// benchmarks/probe_gemv_streams.cpp). So the
 // kernel asks for the rows ahead of the tile itself, one after another in memory order, as
 // fast as the tile consumes its own: to the memory the task is then one sequential stream.
 // The distance ahead is at least this many bytes of whole tiles.
